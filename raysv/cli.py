@@ -1,0 +1,331 @@
+"""``raysv``: one command with sub-commands; each parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, help="YAML run config (e.g. configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dino.epochs=3")
+
+
+def _load(args) -> "Config":  # noqa: F821
+    from raysv.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _print_metrics(name: str, metrics: dict) -> None:
+    from raysv.evaluation.evaluate import format_metrics
+
+    print(format_metrics(name, metrics))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_synth(args) -> None:
+    from raysv.audio.synth import synthesize
+
+    summary = synthesize(
+        args.out,
+        speakers=args.speakers,
+        sessions=args.sessions,
+        utterances=args.utterances,
+        min_seconds=args.min_seconds,
+        max_seconds=args.max_seconds,
+        seed=args.seed,
+        trials=args.trials,
+        speaker_offset=args.speaker_offset,
+        jobs=args.jobs,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def cmd_prepare(args) -> None:
+    from raysv.data.shards import prepare_shards
+
+    report = prepare_shards(
+        args.audio_root,
+        args.out,
+        list_file=args.list,
+        no_speakers=args.no_speakers,
+        shard_size=args.shard_size,
+        min_seconds=args.min_seconds,
+        overwrite=args.overwrite,
+    )
+    print(f"{report['utterances']} utterances in {report['shards']} shards under {args.out}; "
+          f"{report['skipped_count']} files skipped (see {Path(args.out) / 'report.json'})")
+
+
+def cmd_evaluate(args) -> None:
+    from raysv.evaluation.evaluate import evaluate_trials
+    from raysv.stages import evaluate_checkpoint, write_json
+
+    if args.checkpoint and args.config and not args.trials:
+        cfg = _load(args)
+        results = evaluate_checkpoint(cfg, args.checkpoint, plots_dir=args.plots)
+        for name, metrics in results.items():
+            _print_metrics(name, metrics)
+        if args.json:
+            write_json(args.json, results)
+        return
+    if not args.trials or not args.audio_root:
+        raise SystemExit("raysv evaluate: give --trials and --audio-root (or --checkpoint with --config)")
+    if args.checkpoint:
+        from raysv.train.trainer import ensure_ray
+
+        from raysv.config import load_config
+
+        ensure_ray(load_config(args.config, args.overrides))
+    metrics = evaluate_trials(
+        args.trials,
+        args.audio_root,
+        embedder=args.embedder,
+        checkpoint=args.checkpoint,
+        crops=args.crops,
+        crop_seconds=args.crop_seconds,
+        plots_dir=args.plots,
+    )
+    _print_metrics(Path(args.trials).name, metrics)
+    if args.json:
+        write_json(args.json, {k: metrics[k] for k in ("eer", "min_dcf_0.01", "min_dcf_0.05", "trials")})
+
+
+def cmd_train_dino(args) -> None:
+    args.method = "dino"
+    cmd_train_ssl(args)
+
+
+def cmd_train_ssl(args) -> None:
+    from raysv import stages
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else cfg.run_dir / "round_0" / args.method / "model"
+    if args.method == "dino":
+        checkpoint = stages.train_dino(cfg, out)
+    else:
+        checkpoint = stages.train_simclr(cfg, out)
+    print(f"model: {checkpoint}")
+    if cfg.data.trials:
+        for name, metrics in stages.evaluate_checkpoint(cfg, checkpoint, plots_dir=out.parent / "eval").items():
+            _print_metrics(name, metrics)
+
+
+def cmd_extract(args) -> None:
+    from raysv import stages
+
+    cfg = _load(args)
+    info = stages.extract(cfg, args.checkpoint, args.out, shards=args.shards)
+    print(f"{info['count']} embeddings of dimension {info['dim']} in {args.out}")
+
+
+def cmd_cluster(args) -> None:
+    from raysv.pseudo.cluster import run_clustering
+
+    manifest = args.manifest
+    if manifest is None and args.shards:
+        manifest = Path(args.shards) / "manifest.parquet"
+    diag = run_clustering(
+        args.embeddings,
+        args.out,
+        k1=args.k1,
+        k2=args.k2,
+        min_cluster_size=args.min_cluster_size,
+        niter=args.niter,
+        seed=args.seed,
+        manifest=manifest,
+    )
+    print(json.dumps(diag, indent=2, default=float))
+
+
+def cmd_finetune(args) -> None:
+    from raysv import stages
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else cfg.run_dir / "finetune" / "model"
+    checkpoint = stages.finetune(cfg, args.labels, out, init=args.init, large_margin=args.large_margin)
+    print(f"model: {checkpoint}")
+    if cfg.data.trials:
+        for name, metrics in stages.evaluate_checkpoint(cfg, checkpoint, plots_dir=out.parent / "eval").items():
+            _print_metrics(name, metrics)
+
+
+def cmd_run(args) -> None:
+    from raysv.pipeline import run_pipeline
+
+    cfg = _load(args)
+    run_pipeline(cfg, until=args.until, restart_from=args.restart_from)
+
+
+def cmd_status(args) -> None:
+    from raysv.pipeline import format_status
+
+    print(format_status(args.run_dir))
+
+
+def cmd_embed(args) -> None:
+    import numpy as np
+
+    from raysv.inference import load_model
+
+    model = load_model(args.checkpoint)
+    vectors = {f: model.embed(f) for f in args.files}
+    if args.out:
+        np.savez(args.out, **{str(i): v for i, v in enumerate(vectors.values())}, files=np.array(list(vectors)))
+        print(f"{len(vectors)} embeddings written to {args.out}")
+    else:
+        for f, v in vectors.items():
+            print(f, " ".join(f"{x:.5f}" for x in v))
+
+
+def cmd_verify(args) -> None:
+    from raysv.inference import load_model
+
+    model = load_model(args.checkpoint)
+    score, same = model.verify(args.a, args.b, threshold=args.threshold)
+    print(f"score {score:.4f}: {'same speaker' if same else 'different speakers'}")
+
+
+def cmd_sweep(args) -> None:
+    from raysv.tune import run_sweep
+
+    run_sweep(args.config, args.overrides)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raysv",
+        description="Speaker-verification encoders trained without speaker labels, on Ray: "
+        "DINO → clustering → WavLM+MHFA fine-tuning on pseudo-labels, round after round.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="generate a toy multi-speaker corpus (VoxCeleb layout) with trials")
+    p.add_argument("--out", required=True)
+    p.add_argument("--speakers", type=int, default=40)
+    p.add_argument("--sessions", type=int, default=4, help="sessions per speaker")
+    p.add_argument("--utterances", type=int, default=8, help="utterances per session")
+    p.add_argument("--min-seconds", type=float, default=2.0)
+    p.add_argument("--max-seconds", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trials", type=int, default=4000, help="number of trials (half target)")
+    p.add_argument("--speaker-offset", type=int, default=0, help="first global speaker number (disjoint voices)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="audio files → Parquet shards (FLAC bytes + metadata), as Ray tasks")
+    p.add_argument("--audio-root", help="folder searched for audio (speaker = first path component)")
+    p.add_argument("--list", help="CSV of path[,speaker] instead of searching the root")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-speakers", action="store_true", help="leave the speaker column empty")
+    p.add_argument("--shard-size", type=int, default=1000, help="utterances per shard")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="shorter files are skipped")
+    p.add_argument("--overwrite", action="store_true", help="replace a different existing output")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("evaluate", help="EER and minDCF on a VoxCeleb-format trial list")
+    p.add_argument("--trials")
+    p.add_argument("--audio-root")
+    p.add_argument("--embedder", default="fbank-mean", help="untrained baseline when no --checkpoint")
+    p.add_argument("--checkpoint", help="a raysv model folder")
+    p.add_argument("--crops", type=int, default=0, help="random crops averaged with the whole utterance")
+    p.add_argument("--crop-seconds", type=float, default=4.0)
+    p.add_argument("--plots", help="folder for the DET curve, score histogram and scores")
+    p.add_argument("--json", help="write the metrics here")
+    _config_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    for name, helptext in (("train-dino", "round 0: DINO on ECAPA-TDNN, then evaluate"),
+                           ("train-ssl", "self-supervised training: --method dino or simclr, then evaluate")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "train-ssl":
+            p.add_argument("--method", choices=("dino", "simclr"), default="dino")
+        p.add_argument("--out", help="model folder (default <runs>/<name>/round_0/<method>/model)")
+        _config_args(p, required=True)
+        p.set_defaults(func=cmd_train_dino if name == "train-dino" else cmd_train_ssl)
+
+    p = sub.add_parser("extract", help="embed every utterance of the shards with a checkpoint (Ray actors)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--shards")
+    p.add_argument("--out", required=True)
+    _config_args(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("cluster", help="pseudo-labels: spherical k-means (faiss) → Ward AHC of the centroids")
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--k1", type=int, required=True)
+    p.add_argument("--k2", type=int, default=None)
+    p.add_argument("--min-cluster-size", type=int, default=0)
+    p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", help="shards whose manifest gives true speakers for NMI/ARI/purity")
+    p.add_argument("--manifest", help="manifest.parquet with true speakers (diagnostics only)")
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("finetune", help="fine-tune the round model on (pseudo-)labels with AAM-softmax")
+    p.add_argument("--labels", required=True, help="labels.parquet (utt_index, label)")
+    p.add_argument("--init", help="checkpoint to start from (ECAPA from DINO, or large-margin from a round)")
+    p.add_argument("--large-margin", action="store_true", help="use the lmft settings (longer crops, larger margin)")
+    p.add_argument("--out")
+    _config_args(p, required=True)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("run", help="the whole method, round after round; re-run to resume")
+    p.add_argument("--until", help="stop after this stage (e.g. round_0/dino, round_1/cluster)")
+    p.add_argument("--restart-from", help="re-run this stage and everything after it")
+    _config_args(p, required=True)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="what a run has done: stages, figures, times")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("embed", help="embeddings of audio files with a trained model")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", help=".npz file (default: print)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("verify", help="same speaker or not: score two files with a trained model")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--threshold", type=float, help="default: the one stored at evaluation")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("sweep", help="Ray Tune sweep over clustering sizes and margins for one round")
+    _config_args(p, required=True)
+    p.set_defaults(func=cmd_sweep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    from raysv.config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"raysv {args.command}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

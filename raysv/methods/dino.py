@@ -1,0 +1,169 @@
+"""DINO self-distillation (Caron et al. 2021) for speaker embeddings, as in round 0.
+
+The student sees every crop, the teacher (an EMA of the student) only the global
+ones; the loss is the cross-entropy between the centred, sharpened teacher output
+and the student output over all pairs of different views. The embedding model
+kept afterwards is the teacher's backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from raysv.config import Config
+from raysv.methods.base import Method, Wrap, all_reduce_mean, autocast, cosine_schedule, unwrap
+from raysv.models.ecapa import ECAPAEncoder
+from raysv.models.heads import DINOHead
+
+
+class EncoderWithHead(nn.Module):
+    """Backbone followed by the DINO projection head; views of one length go as one batch."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``views``: tensors (B, V_i, S_i) → list of (B, K) outputs, view by view, in order."""
+        outputs = []
+        for group in views:
+            b, v, s = group.shape
+            out = self.head(self.encoder(group.reshape(b * v, s)))
+            outputs.extend(out.reshape(b, v, -1).unbind(1))
+        return outputs
+
+
+def dino_loss(
+    student_out: list[torch.Tensor],
+    teacher_out: list[torch.Tensor],
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """Mean cross-entropy H(teacher_q, student_v) over all pairs q ≠ v.
+
+    Teacher view q is the same crop as student view q (globals come first), so
+    pairs of a view with itself are skipped.
+    """
+    student_logp = [torch.log_softmax(s.float() / student_temp, dim=-1) for s in student_out]
+    teacher_p = [torch.softmax((t.float() - center) / teacher_temp, dim=-1).detach() for t in teacher_out]
+    total = student_out[0].new_zeros((), dtype=torch.float32)
+    pairs = 0
+    for q, tp in enumerate(teacher_p):
+        for v, sl in enumerate(student_logp):
+            if v == q:
+                continue
+            total = total + (-tp * sl).sum(dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+class DinoMethod(Method):
+    name = "dino"
+
+    def __init__(self, cfg: Config, steps_per_epoch: int):
+        self.cfg = cfg
+        d = cfg.dino
+        self.epochs = d.epochs
+        self.batch_size = d.batch_size
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.step = 0
+        self.epoch = 0
+
+    def setup(self, device: torch.device, wrap: Wrap) -> None:
+        d = self.cfg.dino
+        torch.manual_seed(self.cfg.seed)
+        encoder = ECAPAEncoder(**asdict(d.encoder))
+        head = DINOHead(encoder.embed_dim, d.head.hidden_dim, d.head.bottleneck_dim, d.head.out_dim)
+        student = EncoderWithHead(encoder, head)
+        self.teacher = copy.deepcopy(student).to(device)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.device = device
+        self.student = wrap(student)
+        bare = unwrap(self.student)
+        decay = [p for n, p in bare.named_parameters() if p.requires_grad and p.ndim > 1]
+        no_decay = [p for n, p in bare.named_parameters() if p.requires_grad and p.ndim <= 1]
+        self.optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": d.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=d.optim.lr,
+            momentum=d.optim.momentum,
+        )
+        self.center = torch.zeros(1, d.head.out_dim, device=device)
+        self.last_layer = list(bare.head.last_layer_parameters())
+
+    # -- schedules
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.dino.optim
+        warmup = min(o.warmup_epochs * self.steps_per_epoch, self.total_steps // 2)
+        return cosine_schedule(o.lr, o.min_lr, step, self.total_steps, warmup=warmup)
+
+    def momentum_at(self, step: int) -> float:
+        return cosine_schedule(self.cfg.dino.teacher_momentum, 1.0, step, self.total_steps)
+
+    def start_epoch(self, epoch: int) -> dict[str, float]:
+        self.epoch = epoch
+        self.student.train()
+        self.teacher.train()
+        return {}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        d = self.cfg.dino
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        views = [batch["global"]] + ([batch["local"]] if "local" in batch else [])
+        with autocast(self.device):
+            with torch.no_grad():
+                teacher_out = self.teacher([batch["global"]])
+            student_out = self.student(views)
+        loss = dino_loss(student_out, teacher_out, self.center, d.student_temp, d.teacher_temp)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"DINO loss is {loss.item()} at step {self.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(self.student).parameters(), d.clip_grad)
+        if self.epoch < d.freeze_last_layer_epochs:
+            for p in self.last_layer:
+                p.grad = None
+        self.optimizer.step()
+        momentum = self.momentum_at(self.step)
+        with torch.no_grad():
+            for ps, pt in zip(unwrap(self.student).parameters(), self.teacher.parameters()):
+                pt.mul_(momentum).add_(ps.detach(), alpha=1.0 - momentum)
+            for bs, bt in zip(unwrap(self.student).buffers(), self.teacher.buffers()):
+                bt.copy_(bs)
+            batch_center = all_reduce_mean(torch.cat(teacher_out).float().mean(dim=0, keepdim=True))
+            self.center.mul_(d.center_momentum).add_(batch_center, alpha=1.0 - d.center_momentum)
+        self.step += 1
+        crops = sum(v.shape[0] * v.shape[1] for v in views)
+        return {"loss": loss.item(), "lr": lr, "teacher_momentum": momentum, "grad_norm": float(grad_norm), "crops": crops}
+
+    def encoder(self) -> nn.Module:
+        return self.teacher.encoder
+
+    def model_info(self) -> dict[str, Any]:
+        return {"method": self.name, "features": "fbank80-meannorm"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": unwrap(self.student).state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "center": self.center.cpu(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.student).load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.center.copy_(state["center"].to(self.center.device))
+        self.step = int(state["step"])

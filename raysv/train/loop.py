@@ -1,0 +1,188 @@
+"""The one training loop every method runs in, on Ray Train workers.
+
+``train_loop_per_worker`` is a plain function of a config dict (Ray's pattern):
+it builds the method, resumes from ``ray.train.get_checkpoint()`` when Ray Train
+restarts the workers or the run is re-launched, iterates its shard of the
+streaming dataset, and reports metrics plus a full checkpoint every epoch.
+``run_epochs`` holds the epoch logic without Ray so tests can drive it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from raysv.config import Config, config_from_dict
+from raysv.methods.base import Method
+from raysv.train.checkpoint import load_training_state, save_model, save_training_state
+
+log = logging.getLogger("raysv.train")
+
+
+def build_method(name: str, cfg: Config, args: dict[str, Any]) -> Method:
+    """The training method by name; ``args`` carries what the driver computed (steps, labels)."""
+    if name == "dino":
+        from raysv.methods.dino import DinoMethod
+
+        return DinoMethod(cfg, steps_per_epoch=args["steps_per_epoch"])
+    if name == "supervised":
+        from raysv.methods.supervised import SupervisedMethod
+
+        return SupervisedMethod(cfg, **args)
+    if name == "simclr":
+        from raysv.methods.simclr import SimclrMethod
+
+        return SimclrMethod(cfg, **args)
+    raise ValueError(f"unknown training method {name!r} (dino, supervised, simclr)")
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and numbers (weights_only-loadable)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    torch.set_rng_state(state["torch"])
+
+
+def run_epochs(
+    method: Method,
+    batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+    start_epoch: int,
+    on_epoch_end: Callable[[int, dict[str, Any], np.ndarray], None],
+    before_epoch: Callable[[int], None] | None = None,
+) -> None:
+    """Epochs ``start_epoch`` .. ``method.epochs - 1``: steps, averaged metrics, a callback per epoch.
+
+    The callback also receives the ``utt_index`` of every row this worker trained on.
+    """
+    for epoch in range(start_epoch, method.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
+        started = time.time()
+        metrics = dict(method.start_epoch(epoch))
+        sums: dict[str, float] = {}
+        steps = 0
+        crops = 0
+        pids: set[int] = set()
+        seen: list[torch.Tensor] = []
+        for batch in batches(epoch):
+            if "pid" in batch:
+                pids.update(int(p) for p in torch.unique(batch.pop("pid")).tolist())
+            if "utt_index" in batch:
+                seen.append(batch["utt_index"].detach().cpu())
+            stats = method.train_step(batch)
+            crops += int(stats.pop("crops", 0))
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            steps += 1
+        if steps == 0:
+            raise RuntimeError(
+                f"epoch {epoch}: this worker received no full batch; lower the batch size "
+                f"({method.batch_size}) or the number of workers, or add data"
+            )
+        seconds = time.time() - started
+        metrics.update({key: value / steps for key, value in sums.items()})
+        metrics.update(method.end_epoch(epoch))
+        metrics.update({"epoch": epoch, "steps": steps, "epoch_seconds": seconds, "crops_per_s": crops / seconds})
+        metrics["data_pids"] = ",".join(map(str, sorted(pids)))
+        metrics["rows"] = int(sum(t.numel() for t in seen))
+        on_epoch_end(epoch, metrics, torch.cat(seen).numpy() if seen else np.zeros(0, np.int64))
+
+
+def _fault_hook(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
+    """Test-only: kill this worker process once, at ``fault['epoch']``, to exercise Ray Train's recovery."""
+    if not fault or rank != 0 or epoch != fault["epoch"]:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: one worker of the data-parallel group."""
+    import ray.train
+    import ray.train.torch
+
+    from raysv.tracking import StageLogger
+
+    cfg = config_from_dict(config["cfg"])
+    method = build_method(config["method"], cfg, config.get("method_args", {}))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+    method.setup(device, ray.train.torch.prepare_model)
+
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_training_state(folder)
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        history = list(state.get("history", []))
+        log.info("rank %d resumes at epoch %d", rank, start_epoch)
+
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = max(method.batch_size // world, 1)
+    tracker = StageLogger.from_config(config.get("mlflow")) if rank == 0 else None
+
+    def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        return shard.iter_torch_batches(
+            batch_size=per_worker,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            device=device,
+        )
+
+    record = config.get("record_dir")
+
+    def on_epoch_end(epoch: int, metrics: dict[str, Any], seen: np.ndarray) -> None:
+        metrics = {**metrics, "worker_pid": os.getpid(), "world_size": world}
+        if record:
+            np.save(Path(record) / f"epoch{epoch}_rank{rank}_pid{os.getpid()}.npy", seen)
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        if tracker is not None:
+            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
+            log.info(
+                "%s epoch %d/%d: %s",
+                method.name,
+                epoch + 1,
+                method.epochs,
+                " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_model(tmp, method.encoder(), method.model_info())
+                save_training_state(
+                    tmp, {"method": method.state_dict(), "epoch": epoch, "rng": rng_state(), "history": history}
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    run_epochs(method, batches, start_epoch, on_epoch_end, lambda e: _fault_hook(config.get("fault"), e, rank))
