@@ -1,0 +1,199 @@
+"""Ray Data pipelines per stage: shards → decode → crops → augment, streamed to the trainers.
+
+Decoding, cropping and augmentation run in CPU ``map_batches`` tasks, never in
+the training processes; each epoch re-executes the pipeline, so block order,
+crop positions and augmentation differ from epoch to epoch. The dataset is
+never materialised: rows stream from Parquet to the workers.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raysv.config import AugmentConfig, Config
+
+SAMPLE_RATE = 16000
+
+
+def random_crop(wave: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+    """A random window of ``length`` samples; short utterances are repeated to length."""
+    if wave.size == 0:
+        raise ValueError("cannot crop an empty waveform")
+    if wave.size < length:
+        wave = np.tile(wave, int(np.ceil(length / wave.size)))
+    start = int(rng.integers(0, wave.size - length + 1))
+    return wave[start : start + length]
+
+
+@lru_cache(maxsize=4)
+def _augmenter(params: tuple) -> Any:
+    from raysv.audio.augment import Augmenter
+
+    return Augmenter(**dict(params))
+
+
+def augment_params(cfg: AugmentConfig | None) -> tuple | None:
+    """A hashable description of the augmentation, so each process builds its Augmenter once."""
+    if cfg is None:
+        return None
+    return (
+        ("musan", cfg.musan),
+        ("rir", cfg.rir),
+        ("noise_prob", cfg.noise_prob),
+        ("reverb_prob", cfg.reverb_prob),
+        ("snr_noise", tuple(cfg.snr_noise)),
+        ("snr_music", tuple(cfg.snr_music)),
+        ("snr_babble", tuple(cfg.snr_babble)),
+        ("babble_speakers", tuple(cfg.babble_speakers)),
+    )
+
+
+def check_augment(cfg: AugmentConfig | None) -> None:
+    """Build the augmenter once on the driver: a missing noise/RIR folder fails before training."""
+    params = augment_params(cfg)
+    if params is not None:
+        _augmenter(params)
+
+
+def _decode(audio: bytes) -> np.ndarray:
+    from raysv.audio.io import decode_audio
+
+    wave, sr = decode_audio(audio)
+    if sr != SAMPLE_RATE:
+        raise ValueError(f"shards must hold {SAMPLE_RATE} Hz audio, got {sr} Hz")
+    return wave
+
+
+def _views(wave: np.ndarray, counts_lengths: list[tuple[int, int]], aug: tuple | None, rng) -> list[np.ndarray]:
+    """For each (count, length): ``count`` independent crops, each augmented independently."""
+    augmenter = _augmenter(aug) if aug is not None else None
+    out = []
+    for count, length in counts_lengths:
+        crops = []
+        for _ in range(count):
+            crop = random_crop(wave, length, rng).astype(np.float32, copy=True)
+            if augmenter is not None:
+                crop = augmenter(crop, rng)
+            crops.append(crop)
+        out.append(np.stack(crops))
+    return out
+
+
+def multi_crop_batch(batch: dict[str, np.ndarray], views: dict[str, tuple[int, float]], aug: tuple | None) -> dict:
+    """Decode each utterance and draw the named groups of crops: ``{name: (count, seconds)}``."""
+    rng = np.random.default_rng()
+    names = list(views)
+    spec = [(views[n][0], int(round(views[n][1] * SAMPLE_RATE))) for n in names]
+    groups: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for audio in batch["audio"]:
+        for name, crops in zip(names, _views(_decode(audio), spec, aug, rng)):
+            groups[name].append(crops)
+    out = {name: np.stack(groups[name]).astype(np.float32) for name in names}
+    out["utt_index"] = np.asarray(batch["utt_index"], dtype=np.int64)
+    out["pid"] = np.full(len(batch["utt_index"]), os.getpid(), dtype=np.int64)
+    return out
+
+
+def labelled_crop_batch(
+    batch: dict[str, np.ndarray], seconds: float, aug: tuple | None, with_clean: bool
+) -> dict[str, np.ndarray]:
+    """One random crop per utterance, augmented; plus the same crop clean when asked."""
+    rng = np.random.default_rng()
+    length = int(round(seconds * SAMPLE_RATE))
+    augmenter = _augmenter(aug) if aug is not None else None
+    waves, cleans = [], []
+    for audio in batch["audio"]:
+        crop = random_crop(_decode(audio), length, rng).astype(np.float32, copy=True)
+        cleans.append(crop)
+        waves.append(augmenter(crop.copy(), rng) if augmenter is not None else crop)
+    out = {
+        "wave": np.stack(waves).astype(np.float32),
+        "label": np.asarray(batch["label"], dtype=np.int64),
+        "utt_index": np.asarray(batch["utt_index"], dtype=np.int64),
+        "pid": np.full(len(waves), os.getpid(), dtype=np.int64),
+    }
+    if with_clean:
+        out["clean"] = np.stack(cleans).astype(np.float32)
+    return out
+
+
+def _attach_labels(batch: dict[str, np.ndarray], table: np.ndarray) -> dict[str, np.ndarray]:
+    """Join by utt_index with the label table and drop label -1 (or unlabelled) rows."""
+    idx = np.asarray(batch["utt_index"], dtype=np.int64)
+    labels = np.full(idx.shape, -1, dtype=np.int64)
+    inside = idx < table.size
+    labels[inside] = table[idx[inside]]
+    keep = labels >= 0
+    return {"utt_index": idx[keep], "audio": np.asarray(batch["audio"], dtype=object)[keep], "label": labels[keep]}
+
+
+def label_table(utt_index: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Dense lookup array: ``table[utt_index] = label``, -1 where no label is given."""
+    size = int(utt_index.max()) + 1 if utt_index.size else 0
+    table = np.full(size, -1, dtype=np.int64)
+    table[utt_index] = labels
+    return table
+
+
+def _read(shards: str | Path):
+    from raysv.data.shards import read_shards
+
+    return read_shards(shards, columns=["utt_index", "audio"]).randomize_block_order()
+
+
+def dino_dataset(shards: str | Path, cfg: Config, batch_rows: int = 16):
+    """Rows of ``global`` (G, Sg) and ``local`` (L, Sl) float32 crops for DINO."""
+    crops = cfg.dino.crops
+    views = {"global": (crops.global_count, crops.global_seconds)}
+    if crops.local_count > 0:
+        views["local"] = (crops.local_count, crops.local_seconds)
+    return _read(shards).map_batches(
+        multi_crop_batch,
+        fn_kwargs={"views": views, "aug": augment_params(cfg.data.augment)},
+        batch_size=batch_rows,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+
+
+def contrastive_dataset(shards: str | Path, cfg: Config, views: int, seconds: float, batch_rows: int = 16):
+    """Rows of ``views`` (V, S) independently cropped and augmented views per utterance."""
+    return _read(shards).map_batches(
+        multi_crop_batch,
+        fn_kwargs={"views": {"views": (views, seconds)}, "aug": augment_params(cfg.data.augment)},
+        batch_size=batch_rows,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+
+
+def supervised_dataset(
+    shards: str | Path, table: np.ndarray, cfg: Config, seconds: float, with_clean: bool, batch_rows: int = 16
+):
+    """Rows of ``wave`` (S,), ``label``, ``utt_index`` (+ ``clean``) for labelled utterances only."""
+    import ray
+
+    table_ref = ray.put(table)
+    return (
+        _read(shards)
+        .map_batches(_attach_labels_ref, fn_kwargs={"table_ref": table_ref}, batch_size=256, batch_format="numpy")
+        .map_batches(
+            labelled_crop_batch,
+            fn_kwargs={"seconds": seconds, "aug": augment_params(cfg.data.augment), "with_clean": with_clean},
+            batch_size=batch_rows,
+            batch_format="numpy",
+            num_cpus=1,
+        )
+    )
+
+
+def _attach_labels_ref(batch: dict[str, np.ndarray], table_ref) -> dict[str, np.ndarray]:
+    import ray
+
+    table = table_ref if isinstance(table_ref, np.ndarray) else ray.get(table_ref)
+    return _attach_labels(batch, table)
