@@ -48,6 +48,76 @@ def train_dino(cfg: Config, out: str | Path, *, run_name: str | None = None, mlf
     return fit(cfg, "dino", dataset, out, run_name=name, method_args={"steps_per_epoch": steps}, mlflow=mlflow, **kw)
 
 
+def pretrained_backbone(cfg: Config) -> str | None:
+    """Where the round model's pre-trained WavLM comes from: hub id, folder, or a tiny one built here.
+
+    ``finetune.model.tiny`` builds a randomly initialised small WavLM once, saves it with
+    ``save_pretrained`` under the run directory, and returns that folder, so it is then
+    loaded through the same ``from_pretrained`` path as a real checkpoint.
+    """
+    m = cfg.finetune.model
+    if m.kind != "wavlm_mhfa":
+        return None
+    if not m.tiny:
+        return m.pretrained
+    from raysv.models.wavlm_mhfa import save_tiny_wavlm
+
+    folder = (cfg.run_dir / "pretrained" / "tiny_wavlm").resolve()
+    if not (folder / "config.json").is_file():
+        save_tiny_wavlm(folder, seed=cfg.seed, **m.tiny)
+    return str(folder)
+
+
+def finetune(
+    cfg: Config,
+    labels: str | Path,
+    out: str | Path,
+    *,
+    init: str | Path | None = None,
+    large_margin: bool = False,
+    run_name: str | None = None,
+    mlflow: dict | None = None,
+    **kw,
+) -> Path:
+    """Rounds >= 1: the round model fine-tuned with AAM-softmax on ``labels``.
+
+    The labels it ends with (after label correction) are written beside the model
+    as ``labels.parquet``.
+    """
+    from raysv.data.pipelines import check_augment, label_table, supervised_dataset
+    from raysv.pseudo.labels import read_labels, write_labels
+    from raysv.train.checkpoint import load_training_state
+    from raysv.train.trainer import ensure_ray, fit
+
+    ensure_ray(cfg)
+    check_augment(cfg.data.augment)
+    m = cfg.finetune.model
+    if init is None and m.kind == "ecapa" and m.ecapa_init == "dino":
+        raise ValueError("finetune.model.ecapa_init is 'dino': give the DINO checkpoint as the init model")
+    utt_index, values = read_labels(labels)
+    table = label_table(utt_index, values)
+    rows = int((values >= 0).sum())
+    seconds = cfg.lmft.crop_seconds if large_margin else cfg.finetune.crop_seconds
+    steps = _steps(rows, cfg.finetune.batch_size, cfg)
+    dataset = supervised_dataset(
+        cfg.data.shards, table, cfg, seconds, with_clean=cfg.finetune.label_correction.enabled
+    )
+    args = {
+        "steps_per_epoch": steps,
+        "labels": str(Path(labels).resolve()),
+        "init": str(Path(init).resolve()) if init else None,
+        "large_margin": large_margin,
+        "pretrained": pretrained_backbone(cfg),
+    }
+    name = run_name or f"{cfg.name}-{'lmft' if large_margin else 'finetune'}"
+    log.info("fine-tune: %d labelled utterances, %d classes, %d steps/epoch", rows, int(values.max()) + 1, steps)
+    out = fit(cfg, "supervised", dataset, out, run_name=name, method_args=args, mlflow=mlflow, **kw)
+    final = load_training_state(out)["method"]["labels"].numpy()
+    kept = final >= 0
+    write_labels(out, np.nonzero(kept)[0], final[kept].astype(np.int32))
+    return out
+
+
 def evaluate_checkpoint(
     cfg: Config,
     checkpoint: str | Path,

@@ -1,0 +1,266 @@
+"""Augmentation: shapes, SNRs, determinism, MUSAN/RIR folders, synthetic impulse responses."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from raysv.audio.augment import Augmenter, reverberate, synthetic_rir
+
+SR = 16000
+
+
+def _speech(n: int = SR, seed: int = 0) -> np.ndarray:
+    """A speech-like test signal: a few harmonics under a slow envelope."""
+    t = np.arange(n) / SR
+    rng = np.random.default_rng(seed)
+    x = sum(np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) for f in (180, 360, 540, 900))
+    return (0.1 * x * (1.2 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+def _snr_db(clean: np.ndarray, noisy: np.ndarray) -> float:
+    clean = clean.astype(np.float64)
+    noise = noisy.astype(np.float64) - clean
+    return 10 * np.log10(np.mean(clean**2) / np.mean(noise**2))
+
+
+def _peak_hz(x: np.ndarray) -> float:
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / SR)[np.argmax(spec)])
+
+
+def _tone(path: Path, hz: float, seconds: float, sr: int = SR) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * sr)) / sr
+    sf.write(path, (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), sr)
+
+
+@pytest.mark.parametrize("n", [1, 400, SR, 3 * SR + 7])
+def test_output_length_and_dtype(n: int) -> None:
+    aug = Augmenter(noise_prob=1.0, reverb_prob=1.0)
+    wave = _speech(n).astype(np.float64)
+    for seed in range(4):
+        out = aug(wave, np.random.default_rng(seed))
+        assert out.dtype == np.float32
+        assert out.shape == (n,)
+        assert np.all(np.isfinite(out))
+
+
+def test_snr_matches_configured_value_per_kind() -> None:
+    snrs = {"noise": 3.0, "music": 9.0, "babble": 15.0}
+    aug = Augmenter(noise_prob=1.0, reverb_prob=0.0, snr_noise=(3.0, 3.0),
+                    snr_music=(9.0, 9.0), snr_babble=(15.0, 15.0))
+    wave = _speech(2 * SR)
+    seen = set()
+    for seed in range(20):
+        out, info = aug.augment(wave, np.random.default_rng(seed))
+        seen.add(info.noise_kind)
+        assert info.snr_db == pytest.approx(snrs[info.noise_kind])
+        assert abs(_snr_db(wave, out) - snrs[info.noise_kind]) < 0.5
+        np.testing.assert_allclose(out - wave, info.noise, atol=1e-5)
+    assert seen == set(snrs)
+
+
+def test_drawn_snr_within_range_and_measured() -> None:
+    aug = Augmenter(noise_prob=1.0, reverb_prob=0.0)
+    wave = _speech(SR)
+    for seed in range(30):
+        out, info = aug.augment(wave, np.random.default_rng(seed))
+        lo, hi = aug.snr[info.noise_kind]
+        assert lo <= info.snr_db <= hi
+        assert abs(_snr_db(wave, out) - info.snr_db) < 0.5
+
+
+def test_probabilities_zero_and_one() -> None:
+    wave = _speech(SR)
+    off = Augmenter(noise_prob=0.0, reverb_prob=0.0)
+    np.testing.assert_array_equal(off(wave, np.random.default_rng(0)), wave)
+    counts = {"reverb": 0, "noise": 0}
+    half = Augmenter(noise_prob=0.5, reverb_prob=0.5)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        _, info = half.augment(_speech(800), rng)
+        counts["reverb"] += info.reverb
+        counts["noise"] += info.noise_kind is not None
+    assert 70 < counts["reverb"] < 130 and 70 < counts["noise"] < 130
+
+
+def test_deterministic_for_seeded_rng() -> None:
+    aug = Augmenter(noise_prob=1.0, reverb_prob=1.0)
+    wave = _speech(SR)
+    a = aug(wave, np.random.default_rng(123))
+    b = aug(wave, np.random.default_rng(123))
+    c = aug(wave, np.random.default_rng(124))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_crops_get_independent_augmentation() -> None:
+    aug = Augmenter(noise_prob=1.0, reverb_prob=0.5)
+    batch = np.stack([_speech(SR)] * 6)
+    out = aug.augment_batch(batch, np.random.default_rng(0))
+    assert out.shape == batch.shape and out.dtype == np.float32
+    diffs = out - batch
+    for i in range(6):
+        for j in range(i + 1, 6):
+            assert not np.allclose(diffs[i], diffs[j])
+    lists = aug.augment_batch([_speech(500), _speech(900)], np.random.default_rng(0))
+    assert [len(x) for x in lists] == [500, 900]
+
+
+def test_musan_folders_are_used(tmp_path: Path) -> None:
+    musan = tmp_path / "musan"
+    _tone(musan / "noise" / "free-sound" / "n1.wav", 1250.0, 0.3)  # shorter than the crop: repeated
+    aug = Augmenter(musan=str(musan), noise_prob=1.0, reverb_prob=0.0, snr_noise=(5.0, 5.0))
+    assert aug.kinds == ("noise",)
+    wave = _speech(SR)
+    out, info = aug.augment(wave, np.random.default_rng(0))
+    assert info.noise_kind == "noise"
+    assert _peak_hz(out - wave) == pytest.approx(1250.0, abs=2.0)
+    assert abs(_snr_db(wave, out) - 5.0) < 0.5
+
+    # Babble comes from speech/; an 8 kHz file is resampled to 16 kHz (the tone keeps its pitch).
+    babble_root = tmp_path / "musan2"
+    for i in range(2):
+        _tone(babble_root / "speech" / f"s{i}.flac", 700.0, 1.5, sr=8000)
+    aug = Augmenter(musan=str(babble_root), noise_prob=1.0, reverb_prob=0.0, snr_babble=(10.0, 10.0))
+    out, info = aug.augment(wave, np.random.default_rng(1))
+    assert info.noise_kind == "babble"
+    assert _peak_hz(out - wave) == pytest.approx(700.0, abs=2.0)
+    assert abs(_snr_db(wave, out) - 10.0) < 0.5
+
+    _tone(babble_root / "music" / "m.wav", 440.0, 2.0)
+    aug = Augmenter(musan=str(babble_root), noise_prob=1.0, reverb_prob=0.0)
+    kinds = {aug.augment(wave, np.random.default_rng(s))[1].noise_kind for s in range(20)}
+    assert kinds == {"babble", "music"}
+
+
+def test_rir_folder_aligned_to_direct_path(tmp_path: Path) -> None:
+    rir = np.zeros(400, dtype=np.float32)
+    rir[100] = 0.8  # direct path after a 100-sample pre-delay
+    rir[150] = 0.4  # one reflection 50 samples later
+    (tmp_path / "rirs" / "room").mkdir(parents=True)
+    sf.write(tmp_path / "rirs" / "room" / "r.wav", rir, SR)
+    aug = Augmenter(rir=str(tmp_path / "rirs"), noise_prob=0.0, reverb_prob=1.0)
+    wave = _speech(4000)
+    out, info = aug.augment(wave, np.random.default_rng(0))
+    assert info.reverb
+    delayed = np.r_[np.zeros(50), wave[:-50]]
+    expected = (wave + 0.5 * delayed) / np.sqrt(1.25)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_reverb_roughly_preserves_level() -> None:
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal(3 * SR)
+    ratios = [np.mean(reverberate(white, synthetic_rir(rng, SR)) ** 2) / np.mean(white**2) for _ in range(5)]
+    assert all(0.75 < r < 1.33 for r in ratios), ratios
+
+
+def test_missing_and_empty_folders_raise_at_construction(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_musan"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        Augmenter(musan=str(missing))
+    empty = tmp_path / "musan"
+    (empty / "noise").mkdir(parents=True)
+    (empty / "noise" / "README.txt").write_text("not audio")
+    with pytest.raises(ValueError, match=f"{empty}.*noise/ music/ speech/"):
+        Augmenter(musan=str(empty))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "no_rirs")):
+        Augmenter(rir=str(tmp_path / "no_rirs"))
+    (tmp_path / "rirs").mkdir()
+    with pytest.raises(ValueError, match=str(tmp_path / "rirs")):
+        Augmenter(rir=str(tmp_path / "rirs"))
+
+
+def test_bad_settings_named() -> None:
+    with pytest.raises(ValueError, match="noise_prob"):
+        Augmenter(noise_prob=1.5)
+    with pytest.raises(ValueError, match="snr_music"):
+        Augmenter(snr_music=(10.0, 5.0))
+    with pytest.raises(ValueError, match="1-D"):
+        Augmenter()(np.zeros((2, 100)), np.random.default_rng(0))
+
+
+def test_synthetic_rir_decays_exponentially() -> None:
+    rng = np.random.default_rng(0)
+    for rt60 in (0.25, 0.5, 0.8):
+        rir = synthetic_rir(rng, SR, rt60=rt60).astype(np.float64)
+        assert np.argmax(np.abs(rir)) == 0  # the direct path leads
+        assert np.sum(rir**2) == pytest.approx(1.0, rel=1e-5)
+        frame = SR // 100  # 10 ms frames of the tail
+        tail = rir[1:]
+        n_frames = len(tail) // frame
+        energy = (tail[: n_frames * frame] ** 2).reshape(n_frames, frame).sum(axis=1)
+        t = (np.arange(n_frames) + 0.5) * frame / SR
+        level_db = 10 * np.log10(energy)
+        slope, intercept = np.polyfit(t, level_db, 1)
+        fit = slope * t + intercept
+        r2 = 1 - np.sum((level_db - fit) ** 2) / np.sum((level_db - level_db.mean()) ** 2)
+        assert r2 > 0.95
+        assert slope == pytest.approx(-60.0 / rt60, rel=0.15)
+    lengths = [len(synthetic_rir(rng, SR)) / SR for _ in range(50)]
+    assert 0.2 <= min(lengths) and max(lengths) <= 0.8
+
+
+def test_from_config_and_pickle() -> None:
+    @dataclass
+    class AugmentConfig:
+        musan: str | None = None
+        rir: str | None = None
+        noise_prob: float = 1.0
+        reverb_prob: float = 1.0
+        snr_noise: list = None  # YAML gives lists
+        snr_music: tuple = (5.0, 15.0)
+        snr_babble: tuple = (13.0, 20.0)
+        babble_speakers: tuple = (2, 3)
+
+    cfg = AugmentConfig(snr_noise=[1, 2])
+    aug = Augmenter.from_config(cfg)
+    assert aug.snr["noise"] == (1.0, 2.0) and aug.babble_speakers == (2, 3)
+    assert aug.noise_prob == 1.0 and aug.sample_rate == SR
+    wave = _speech(SR)
+    expected = aug(wave, np.random.default_rng(5))
+    clone = pickle.loads(pickle.dumps(aug))
+    np.testing.assert_array_equal(clone(wave, np.random.default_rng(5)), expected)
+
+
+def test_file_cache_is_bounded_and_not_pickled(tmp_path: Path) -> None:
+    musan = tmp_path / "musan"
+    for i in range(5):
+        _tone(musan / "noise" / f"n{i}.wav", 300.0 + 100 * i, 0.2)
+    aug = Augmenter(musan=str(musan), noise_prob=1.0, reverb_prob=0.0)
+    aug.cache_size = 3
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        aug(_speech(800), rng)
+    assert 0 < len(aug._cache) <= 3
+    assert len(pickle.loads(pickle.dumps(aug))._cache) == 0
+
+
+def test_unreadable_noise_file_is_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    musan = tmp_path / "musan"
+    _tone(musan / "noise" / "good.wav", 900.0, 0.5)
+    (musan / "noise" / "broken.wav").write_bytes(b"RIFF not really a wav file")
+    aug = Augmenter(musan=str(musan), noise_prob=1.0, reverb_prob=0.0)
+    wave = _speech(SR)
+    with caplog.at_level("WARNING", logger="raysv.audio.augment"):
+        for seed in range(10):
+            out = aug(wave, np.random.default_rng(seed))
+            assert _peak_hz(out - wave) == pytest.approx(900.0, abs=2.0)
+    assert "broken.wav" in caplog.text
+    assert aug.noise_files["noise"] == [str(musan / "noise" / "good.wav")]
+
+    only_broken = tmp_path / "musan2"
+    (only_broken / "music").mkdir(parents=True)
+    (only_broken / "music" / "x.flac").write_bytes(b"junk")
+    aug = Augmenter(musan=str(only_broken), noise_prob=1.0, reverb_prob=0.0)
+    with pytest.raises(ValueError, match=f"{only_broken}/music"):
+        aug(wave, np.random.default_rng(0))

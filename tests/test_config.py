@@ -1,0 +1,55 @@
+"""Config schema: YAML loading, overrides, errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from raysv.config import Config, ConfigError, load_config, round_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_follow_the_reference():
+    cfg = Config()
+    assert cfg.dino.encoder.channels == 1024 and cfg.dino.encoder.mfa_channels == 3072
+    assert cfg.dino.head.out_dim == 65536
+    assert cfg.finetune.loss.margin == 0.2 and cfg.finetune.loss.scale == 30
+    assert cfg.lmft.margin == 0.5 and cfg.lmft.crop_seconds == 6
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if "sweep" not in p.name))
+def test_shipped_configs_load(name):
+    load_config(ROOT / "configs" / name)
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["dino.epochs=3", "cluster.k2=null", "finetune.loss.margin=0.3", "name=x"])
+    assert cfg.dino.epochs == 3 and cfg.cluster.k2 is None
+    assert cfg.finetune.loss.margin == pytest.approx(0.3) and cfg.name == "x"
+
+
+def test_unknown_key_named():
+    with pytest.raises(ConfigError, match=r"dino\.epoch: unknown key"):
+        load_config(None, ["dino.epoch=3"])
+
+
+def test_wrong_type_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  loss:\n    margin: big\n")
+    with pytest.raises(ConfigError, match=r"finetune\.loss\.margin: expected a number"):
+        load_config(path)
+
+
+def test_cross_key_checks():
+    with pytest.raises(ConfigError, match="k2"):
+        load_config(None, ["cluster.k1=10", "cluster.k2=10"])
+    with pytest.raises(ConfigError, match="ray.use_gpu"):
+        load_config(None, ["ray.use_gpu=maybe"])
+
+
+def test_round_overrides():
+    cfg = load_config(None, ["rounds.count=2", "rounds.overrides={2: {cluster: {k1: 300, k2: 50}}}"])
+    assert round_config(cfg, 1).cluster.k1 == cfg.cluster.k1
+    assert round_config(cfg, 2).cluster.k1 == 300
+    with pytest.raises(ConfigError, match=r"rounds\.overrides\.2: cluster\.k3: unknown key"):
+        load_config(None, ["rounds.count=2", "rounds.overrides={2: {cluster: {k3: 1}}}"])
