@@ -62,8 +62,8 @@ def cmd_prepare(args) -> None:
         min_seconds=args.min_seconds,
         overwrite=args.overwrite,
     )
-    print(f"{report['utterances']} utterances in {report['shards']} shards under {args.out}; "
-          f"{report['skipped_count']} files skipped (see {Path(args.out) / 'report.json'})")
+    print(f"{report['num_utterances']} utterances in {report['num_shards']} shards under {args.out}; "
+          f"{report['num_skipped']} files skipped (see {Path(args.out) / 'report.json'})")
 
 
 def cmd_evaluate(args) -> None:
