@@ -20,3 +20,51 @@ def ray_session():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory, ray_session):
+    """A tiny training corpus (prepared into shards) and test/dev corpora of other speakers."""
+    from types import SimpleNamespace
+
+    from raysv.audio.synth import synthesize
+    from raysv.data.shards import prepare_shards
+
+    root = tmp_path_factory.mktemp("toy")
+    synthesize(root / "train", speakers=6, sessions=3, utterances=4, min_seconds=1.0, max_seconds=2.0, trials=0, seed=3)
+    synthesize(root / "test", speakers=6, sessions=2, utterances=4, min_seconds=1.0, max_seconds=2.0,
+               trials=300, speaker_offset=1000, seed=3)
+    synthesize(root / "dev", speakers=4, sessions=2, utterances=3, min_seconds=1.0, max_seconds=2.0,
+               trials=120, speaker_offset=2000, seed=3)
+    prepare_shards(root / "train" / "wav", root / "shards", shard_size=24, show_progress=False)
+    return SimpleNamespace(root=root, shards=root / "shards", test=root / "test", dev=root / "dev")
+
+
+def tiny_overrides(toy, runs) -> list[str]:
+    """Overrides that make configs/demo.yaml run in seconds on the toy fixture."""
+    return [
+        f"runs={runs}",
+        f"data.shards={toy.shards}",
+        f"data.trials={{toy: {{path: {toy.test / 'trials.txt'}, audio_root: {toy.test / 'wav'}}}}}",
+        f"data.dev_trials={{path: {toy.dev / 'trials.txt'}, audio_root: {toy.dev / 'wav'}}}",
+        "dino.encoder={channels: 32, mfa_channels: 96, embed_dim: 32}",
+        "dino.head={hidden_dim: 64, bottleneck_dim: 16, out_dim: 64}",
+        "dino.crops={global_count: 2, global_seconds: 1.0, local_count: 1, local_seconds: 0.5}",
+        "dino.batch_size=8",
+        "dino.epochs=2",
+        "finetune.model.ecapa={channels: 32, mfa_channels: 96, embed_dim: 32}",
+        "finetune.batch_size=8",
+        "finetune.epochs=2",
+        "finetune.crop_seconds=1.0",
+        "finetune.loss_gate.start_epoch=1",
+        "finetune.label_correction.start_epoch=1",
+        "cluster.k1=12",
+        "cluster.k2=6",
+        "lmft.epochs=1",
+        "lmft.crop_seconds=1.5",
+        "eval.crops=1",
+        "eval.crop_seconds=1.0",
+        "extract.num_actors=1",
+        "ray.num_workers=1",
+        "data.shuffle_buffer=8",
+    ]

@@ -110,12 +110,17 @@ def run_epochs(
 
 
 def _fault_hook(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
-    """Test-only: kill this worker process once, at ``fault['epoch']``, to exercise Ray Train's recovery."""
+    """Test-only: kill this worker process once, at the start of ``fault['epoch']``.
+
+    It waits a few health-check intervals first, so that Ray Train's controller has
+    registered the previous epoch's checkpoint: a crash loses at most the epoch in flight.
+    """
     if not fault or rank != 0 or epoch != fault["epoch"]:
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
+    time.sleep(float(fault.get("delay_s", 6.0)))
     marker.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
 
