@@ -170,6 +170,7 @@ def evaluate_checkpoint(
     }
     if cohort is not None and top_n:
         np.save(Path(checkpoint) / "cohort.npy", cohort.astype(np.float32))
+        meta["cohort"] = "cohort.npy"
         meta["asnorm_top_n"] = int(top_n)
     write_model_json(checkpoint, meta)
     return results
