@@ -21,10 +21,12 @@ test: $(STAMP)
 
 DEMO := runs/demo-data
 demo: $(STAMP)
-	$(BIN)/raysv synth --out $(DEMO)/train --speakers 40 --sessions 4 --utterances 8 --trials 0 --seed 1
-	$(BIN)/raysv synth --out $(DEMO)/test --speakers 24 --sessions 3 --utterances 8 --speaker-offset 1000 --trials 4000 --seed 1
+	test -f $(DEMO)/train/meta.csv || $(BIN)/raysv synth --out $(DEMO)/train --speakers 40 --sessions 4 --utterances 8 --trials 0 --seed 1 --jobs 2
+	test -f $(DEMO)/test/trials.txt || $(BIN)/raysv synth --out $(DEMO)/test --speakers 24 --sessions 3 --utterances 8 --speaker-offset 1000 --trials 4000 --seed 1 --jobs 2
+	test -f $(DEMO)/dev/trials.txt || $(BIN)/raysv synth --out $(DEMO)/dev --speakers 10 --sessions 3 --utterances 4 --speaker-offset 2000 --trials 1000 --seed 1 --jobs 2
 	$(BIN)/raysv prepare --audio-root $(DEMO)/train/wav --out $(DEMO)/train_shards
 	$(BIN)/raysv evaluate --embedder fbank-mean --trials $(DEMO)/test/trials.txt --audio-root $(DEMO)/test/wav --json $(DEMO)/baseline.json
+	$(BIN)/raysv run --config configs/demo.yaml
 
 clean:
 	rm -rf runs

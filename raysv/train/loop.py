@@ -109,6 +109,32 @@ def run_epochs(
         on_epoch_end(epoch, metrics, torch.cat(seen).numpy() if seen else np.zeros(0, np.int64))
 
 
+def dev_eer(encoder: torch.nn.Module, dev: dict[str, Any], device: torch.device) -> float:
+    """EER of the current encoder on a (small) dev trial list, whole utterances, cosine scoring.
+
+    Runs on rank 0 after each epoch when a sweep asks for it, so schedulers such as
+    ASHA can stop poor trials early.
+    """
+    from raysv.audio.io import read_audio
+    from raysv.data.trials import read_trials, resolve_trial_audio
+    from raysv.evaluation.metrics import compute_eer
+    from raysv.evaluation.scoring import score_trials
+    from raysv.pseudo.extract import utterance_embedding
+
+    trials = read_trials(dev["path"])
+    files = resolve_trial_audio(trials, dev["audio_root"])
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        embeddings = {
+            utt: utterance_embedding(encoder, read_audio(path), dev.get("max_seconds", 30.0), device)
+            for utt, path in files.items()
+        }
+    finally:
+        encoder.train(was_training)
+    return compute_eer(score_trials(embeddings, trials.enroll, trials.test), trials.labels)
+
+
 def _fault_hook(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
     """Test-only: kill this worker process once, at the start of ``fault['epoch']``.
 
@@ -165,9 +191,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
 
     record = config.get("record_dir")
+    dev = config.get("dev_eval")
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], seen: np.ndarray) -> None:
         metrics = {**metrics, "worker_pid": os.getpid(), "world_size": world}
+        if dev and rank == 0:
+            metrics["dev_eer"] = dev_eer(method.encoder(), dev, device)
         if record:
             np.save(Path(record) / f"epoch{epoch}_rank{rank}_pid{os.getpid()}.npy", seen)
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})

@@ -58,6 +58,8 @@ def fit(
     mlflow: dict[str, Any] | None = None,
     fault: dict[str, Any] | None = None,
     record_dir: str | None = None,
+    dev_eval: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> Path:
     """Train ``method`` on ``dataset`` with Ray Train and copy the last checkpoint to ``out``.
 
@@ -80,6 +82,7 @@ def fit(
             "mlflow": mlflow,
             "fault": fault,
             "record_dir": record_dir,
+            "dev_eval": dev_eval,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=gpu, resources_per_worker=resources
@@ -89,6 +92,7 @@ def fit(
             storage_path=storage_path(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=callbacks,
         ),
         datasets={"train": dataset},
     )
