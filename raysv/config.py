@@ -156,6 +156,24 @@ class LrConfig:
 
 
 @dataclass
+class SimclrConfig:
+    """End-to-end contrastive baseline: V crops per utterance, (AM-)NT-Xent over the global batch, no labels."""
+
+    enabled: bool = False  # also train it as a baseline stage of `raysv run`
+    views: int = 2
+    crop_seconds: float = 3.0
+    temperature: float = 0.03
+    margin: float = 0.0  # additive margin on the positive cosine (AM-NT-Xent)
+    projector: bool = False
+    projector_dim: int = 256
+    epochs: int = 10
+    batch_size: int = 256  # global, split over the workers; negatives gathered from all of them
+    lr: LrConfig = field(default_factory=LrConfig)  # backbone / back-end rates, per-epoch decay
+    warmup_epochs: float = 0.0
+    clip_grad: float = 5.0
+
+
+@dataclass
 class LossGateConfig:
     enabled: bool = True
     start_epoch: int = 5
@@ -242,6 +260,7 @@ class Config:
     dino: DinoConfig = field(default_factory=DinoConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    simclr: SimclrConfig = field(default_factory=SimclrConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     lmft: LmftConfig = field(default_factory=LmftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -448,6 +467,14 @@ def validate(cfg: Config) -> None:
     _positive("cluster.k2", cfg.cluster.k2)
     if cfg.cluster.k2 is not None and cfg.cluster.k2 >= cfg.cluster.k1:
         raise ConfigError(f"cluster.k2 ({cfg.cluster.k2}) must be smaller than cluster.k1 ({cfg.cluster.k1})")
+    _positive("simclr.epochs", cfg.simclr.epochs)
+    _positive("simclr.batch_size", cfg.simclr.batch_size)
+    _positive("simclr.crop_seconds", cfg.simclr.crop_seconds)
+    _positive("simclr.temperature", cfg.simclr.temperature)
+    if cfg.simclr.views < 2:
+        raise ConfigError(f"simclr.views: a contrastive loss needs at least 2 views per utterance, got {cfg.simclr.views}")
+    if cfg.simclr.batch_size < 2:
+        raise ConfigError(f"simclr.batch_size: needs at least 2 utterances per batch for negatives, got {cfg.simclr.batch_size}")
     if cfg.dino.crops.global_count < 2:
         raise ConfigError("dino.crops.global_count: DINO needs at least 2 global crops")
     if cfg.rounds.count < 0:

@@ -2,7 +2,7 @@
 
 Stages, in order (R = ``rounds.count``)::
 
-    round_0/dino → round_0/eval → round_0/extract → round_0/cluster
+    round_0/dino → [baseline/simclr → baseline/simclr_eval] → round_0/eval → round_0/extract → round_0/cluster
     round_r/finetune → round_r/eval → round_r/extract → round_r/cluster   (r = 1 .. R-1)
     round_R/finetune → round_R/eval → round_R/lmft → round_R/lmft_eval
 
@@ -46,6 +46,9 @@ class Stage:
 def plan(cfg: Config) -> list[Stage]:
     """Every stage of the run, in order."""
     stages = [Stage("round_0/dino", "dino", 0, "round_0/dino")]
+    if cfg.simclr.enabled:  # the end-to-end contrastive baseline, scored like every other model
+        stages += [Stage("baseline/simclr", "simclr", 0, "baseline/simclr"),
+                   Stage("baseline/simclr_eval", "eval", 0, "baseline/simclr")]
     if cfg.rounds.count == 0:
         return stages + [Stage("round_0/eval", "eval", 0, "round_0/dino")]
     model = "round_0/dino"
@@ -74,6 +77,8 @@ def stage_config(cfg: Config, stage: Stage) -> dict[str, Any]:
     data = {"shards": c.data.shards, "augment": to_dict(c.data.augment)}
     if stage.kind == "dino":
         return {"seed": c.seed, "data": data, "dino": to_dict(c.dino)}
+    if stage.kind == "simclr":
+        return {"seed": c.seed, "data": data, "simclr": to_dict(c.simclr), "model": to_dict(c.finetune.model)}
     if stage.kind == "finetune":
         return {"seed": c.seed, "data": data, "finetune": to_dict(c.finetune)}
     if stage.kind == "lmft":
@@ -224,6 +229,8 @@ def _run_stage(cfg: Config, stage: Stage, state: RunState, tracker, parent: str,
     train_kw = {"run_name": _train_name(cfg, stage), "mlflow": mlflow, "fault": fault}
     if stage.kind == "dino":
         st.train_dino(cfg, folder / "model", **train_kw)
+    elif stage.kind == "simclr":
+        st.train_simclr(cfg, folder / "model", **train_kw)
     elif stage.kind == "finetune":
         previous = f"round_{stage.round - 1}"
         labels = cfg.run_dir / previous / "cluster" / "labels.parquet"
@@ -248,7 +255,7 @@ def _run_stage(cfg: Config, stage: Stage, state: RunState, tracker, parent: str,
         metrics = {"trials": per_list}
         write_json(folder / "metrics.json", per_list)
         artifacts.append(folder)
-    if stage.kind in ("dino", "finetune", "lmft"):
+    if stage.kind in ("dino", "simclr", "finetune", "lmft"):
         metrics = _training_summary(folder / "model")
         artifacts.append(folder / "model" / "model.json")
     minutes = (time.time() - started) / 60.0

@@ -68,6 +68,35 @@ def pretrained_backbone(cfg: Config) -> str | None:
     return str(folder)
 
 
+def train_simclr(
+    cfg: Config,
+    out: str | Path,
+    *,
+    init: str | Path | None = None,
+    run_name: str | None = None,
+    mlflow: dict | None = None,
+    **kw,
+) -> Path:
+    """End-to-end baseline: the round model trained with (AM-)NT-Xent on crops of one utterance, no labels."""
+    from raysv.data.pipelines import check_augment, contrastive_dataset
+    from raysv.train.trainer import ensure_ray, fit
+
+    ensure_ray(cfg)
+    check_augment(cfg.data.augment)
+    s = cfg.simclr
+    rows = shard_count(cfg.data.shards)
+    steps = _steps(rows, s.batch_size, cfg)
+    dataset = contrastive_dataset(cfg.data.shards, cfg, s.views, s.crop_seconds)
+    args = {
+        "steps_per_epoch": steps,
+        "pretrained": pretrained_backbone(cfg),
+        "init": str(Path(init).resolve()) if init else None,
+    }
+    name = run_name or f"{cfg.name}-simclr"
+    log.info("SimCLR: %d utterances, %d views of %.1f s, %d steps/epoch", rows, s.views, s.crop_seconds, steps)
+    return fit(cfg, "simclr", dataset, out, run_name=name, method_args=args, mlflow=mlflow, **kw)
+
+
 def finetune(
     cfg: Config,
     labels: str | Path,
