@@ -1,0 +1,285 @@
+"""Speed and memory of raysv's clustering against bare faiss and scikit-learn.
+
+Synthetic embeddings (a mixture of speakers around random unit vectors) are
+clustered by:
+
+(a) raysv ``cluster_embeddings`` (faiss spherical k-means -> fastcluster Ward of the centroids),
+    and its k-means part alone (``spherical_kmeans``);
+(b) bare ``faiss.Kmeans`` with the same iterations (goal: raysv's k-means within 1.3x);
+(c) scikit-learn ``KMeans`` (n_init=1, same max_iter, algorithm='lloyd', tol=0 so
+    every iteration runs, random init like faiss) + ``AgglomerativeClustering(ward)``
+    on its centroids.
+
+Then the memory of the Ward step alone at growing k1, for fastcluster's
+``linkage_vector`` (raysv) and scikit-learn's dense Ward, extrapolated to the
+reference k1 = 50,000. Each measurement runs in a fresh subprocess and reports
+the growth of its peak RSS past the moment its input was in memory (VmHWM reset
+through /proc/self/clear_refs, else ``ru_maxrss``; tracemalloc does not see
+faiss' allocations). The last line is the speed-up over scikit-learn.
+
+    python benchmarks/bench_cluster.py            # 200,000 x 256, k1 2,000 -> k2 500
+    python benchmarks/bench_cluster.py --quick    # 20,000 x 256, k1 200 -> k2 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def make_embeddings(n: int, dim: int, speakers: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Utterances around one random unit vector per speaker (within-speaker cosine about 0.7)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((speakers, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    y = rng.integers(0, speakers, size=n)
+    x = np.empty((n, dim), dtype=np.float32)
+    step = 50_000
+    for s in range(0, n, step):
+        noise = rng.standard_normal((min(step, n - s), dim), dtype=np.float32) * np.float32(0.7 / np.sqrt(dim))
+        x[s : s + step] = centres[y[s : s + step]] + noise
+    return x, y
+
+
+def make_centroids(m: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors grouped like k-means centroids of many speakers (about 4 per speaker)."""
+    x, _ = make_embeddings(m, dim, max(1, m // 4), seed)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS, where Linux allows it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    """Peak RSS in MiB: VmHWM where readable, else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return _peak_mb()
+
+
+# ---------------------------------------------------------------- child side
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one method ``--repeat`` times in this (fresh) process and print one JSON line (best wall time)."""
+    if args.child == "faiss_default":
+        import faiss  # as installed: OpenBLAS picks its kernels by itself
+    else:
+        from raysv.pseudo.cluster import import_faiss
+
+        faiss = import_faiss()
+    import fastcluster  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from raysv.pseudo.cluster import cluster_embeddings, spherical_kmeans, ward_on_centroids
+
+    if args.child.startswith("ahc_"):
+        c = make_centroids(args.k1, args.dim, args.seed)
+
+        def run() -> None:
+            if args.child == "ahc_vector":
+                ward_on_centroids(c, max(1, args.k1 // 4))
+            else:
+                from sklearn.cluster import AgglomerativeClustering
+
+                AgglomerativeClustering(n_clusters=max(1, args.k1 // 4), linkage="ward").fit_predict(c)
+    else:
+        x = np.load(args.data)
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            if args.child == "raysv":
+                out["labels"] = cluster_embeddings(x, args.k1, args.k2, niter=args.niter, seed=args.seed)
+            elif args.child == "raysv_kmeans":
+                out["labels"] = spherical_kmeans(x, args.k1, niter=args.niter, seed=args.seed)[1]
+            elif args.child in ("faiss", "faiss_default"):
+                xn = x.copy()
+                faiss.normalize_L2(xn)
+                km = faiss.Kmeans(x.shape[1], args.k1, niter=args.niter, spherical=True, seed=args.seed)
+                km.train(xn)
+                out["labels"] = km.index.search(xn, 1)[1].ravel()
+            elif args.child == "sklearn":
+                from sklearn.cluster import AgglomerativeClustering, KMeans
+
+                xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+                km = KMeans(
+                    n_clusters=args.k1, n_init=1, max_iter=args.niter, algorithm="lloyd", init="random",
+                    tol=0.0, random_state=args.seed,
+                ).fit(xn)
+                out["kmeans_seconds"] = min(out.get("kmeans_seconds", np.inf), time.perf_counter() - t0)
+                groups = AgglomerativeClustering(n_clusters=args.k2, linkage="ward").fit_predict(km.cluster_centers_)
+                out["labels"] = groups[km.labels_]
+            else:
+                raise SystemExit(f"unknown method {args.child!r}")
+
+    # Peak growth past the RSS with the input loaded; when the kernel lets us reset the
+    # high-water mark, earlier peaks (imports, data generation) cannot hide it.
+    base = _rss_mb() if _reset_peak() else _peak_mb()
+    walls, cpus = [], []
+    for _ in range(args.repeat):
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        run()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(_cpu_seconds() - c0)
+    result: dict[str, float] = {"seconds": min(walls), "cpu_seconds": min(cpus), "peak_mb": _peak_mb() - base}
+    if not args.child.startswith("ahc_"):
+        y = np.load(args.data.replace(".npy", "_y.npy"))
+        result["nmi"] = float(normalized_mutual_info_score(y, out["labels"]))
+        if "kmeans_seconds" in out:
+            result["kmeans_seconds"] = float(out["kmeans_seconds"])
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def measure(method: str, args: argparse.Namespace, data: str = "", k1: int | None = None) -> dict[str, float]:
+    """Run ``method`` in a fresh interpreter and return its JSON figures."""
+    cmd = [
+        sys.executable, __file__, "--child", method, "--data", data,
+        "--k1", str(k1 if k1 is not None else args.k1), "--k2", str(args.k2),
+        "--niter", str(args.niter), "--seed", str(args.seed), "--dim", str(args.dim),
+        "--repeat", str(args.repeat),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200_000, help="utterances")
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--speakers", type=int, default=0,
+                    help="speakers in the mixture (default k2 / 1.25, the reference's 7,500 clusters for 5,994 speakers)")
+    ap.add_argument("--k1", type=int, default=2_000)
+    ap.add_argument("--k2", type=int, default=500)
+    ap.add_argument("--niter", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method, best wall time kept (shared machines)")
+    ap.add_argument("--ahc-sizes", default="2000,4000,8000,16000", help="k1 values for the Ward memory scan")
+    ap.add_argument("--dense-max", type=int, default=16_000, help="largest k1 for scikit-learn's dense Ward")
+    ap.add_argument("--ward-only", action="store_true", help="only the Ward memory scan")
+    ap.add_argument("--quick", action="store_true", help="20,000 x 256, k1 200 -> k2 50, Ward scan to 4,000")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--data", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.quick:
+        args.n, args.k1, args.k2 = 20_000, 200, 50
+        args.ahc_sizes = "1000,2000,4000"
+        args.dense_max = 4_000
+
+    if args.speakers <= 0:
+        args.speakers = max(1, round(args.k2 / 1.25))
+    print(f"cores {os.cpu_count()}; n {args.n} x {args.dim}, {args.speakers} speakers, "
+          f"k1 {args.k1} -> k2 {args.k2}, {args.niter} iterations")
+    if args.ward_only:
+        ward_scan(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(Path(tmp) / "x.npy")
+        x, y = make_embeddings(args.n, args.dim, args.speakers, args.seed)
+        np.save(data, x)
+        np.save(data.replace(".npy", "_y.npy"), y)
+        del x
+        res = {m: measure(m, args, data) for m in ("raysv", "raysv_kmeans", "faiss", "faiss_default", "sklearn")}
+
+    print(f"{'method':<44}{'wall s':>9}{'CPU s':>9}{'peak MB':>9}{'NMI':>7}")
+    names = {
+        "raysv": "raysv cluster_embeddings (k1 -> k2)",
+        "raysv_kmeans": "raysv spherical_kmeans (k1)",
+        "faiss": "bare faiss.Kmeans, same OpenBLAS kernels (k1)",
+        "faiss_default": "bare faiss.Kmeans, OpenBLAS as detected (k1)",
+        "sklearn": "sklearn KMeans + Ward (k1 -> k2)",
+    }
+    for m, r in res.items():
+        print(f"{names[m]:<44}{r['seconds']:>9.2f}{r['cpu_seconds']:>9.2f}{r['peak_mb']:>9.0f}{r['nmi']:>7.3f}")
+    print(f"  (sklearn KMeans part {res['sklearn']['kmeans_seconds']:.2f} s wall)")
+    kmeans_ratio = res["raysv_kmeans"]["seconds"] / res["faiss"]["seconds"]
+    print(f"raysv k-means / bare faiss time: {kmeans_ratio:.2f}x wall, "
+          f"{res['raysv_kmeans']['cpu_seconds'] / res['faiss']['cpu_seconds']:.2f}x CPU (goal <= 1.3)")
+    print(f"bare faiss with detected / with raysv's OpenBLAS kernels: "
+          f"{res['faiss_default']['seconds'] / res['faiss']['seconds']:.2f}x wall")
+    print(f"raysv k-means / bare faiss peak memory: "
+          f"{res['raysv_kmeans']['peak_mb'] / max(res['faiss']['peak_mb'], 1e-9):.2f}x")
+    print(f"sklearn / raysv peak memory: {res['sklearn']['peak_mb'] / max(res['raysv']['peak_mb'], 1e-9):.2f}x")
+
+    ward_scan(args)
+    print(f"sklearn / raysv CPU time: {res['sklearn']['cpu_seconds'] / res['raysv']['cpu_seconds']:.2f}x")
+    speedup = res["sklearn"]["seconds"] / res["raysv"]["seconds"]
+    print(f"speedup_vs_sklearn {speedup:.2f}")
+
+
+def ward_scan(args: argparse.Namespace) -> None:
+    """Memory and time of the Ward step alone at growing k1, extrapolated to the reference k1."""
+    sizes = [int(s) for s in args.ahc_sizes.split(",") if s]
+    print(f"\nWard step alone ({args.dim}-d centroids -> k1/4 groups): growth of peak RSS")
+    print(f"{'k1':>8}{'raysv s':>10}{'CPU s':>8}{'raysv MB':>10}{'sklearn s':>10}{'CPU s':>8}{'sklearn MB':>11}"
+          f"{'dist. matrix MB':>17}")
+    vec: list[tuple[int, float, float]] = []
+    for m in sizes:
+        v = measure("ahc_vector", args, k1=m)
+        vec.append((m, v["peak_mb"], v["cpu_seconds"]))
+        d = measure("ahc_dense", args, k1=m) if m <= args.dense_max else None
+        dense_txt = (
+            f"{d['seconds']:>10.2f}{d['cpu_seconds']:>8.2f}{d['peak_mb']:>11.1f}" if d else f"{'-':>10}{'-':>8}{'-':>11}"
+        )
+        print(f"{m:>8}{v['seconds']:>10.2f}{v['cpu_seconds']:>8.2f}{v['peak_mb']:>10.1f}{dense_txt}"
+              f"{m * (m - 1) / 2 * 8 / 2**20:>17.0f}")
+    target = 50_000
+    ks = np.array([v[0] for v in vec], dtype=float)
+    mem = np.array([v[1] for v in vec])
+    secs = np.array([v[2] for v in vec])
+    slope, icpt = np.polyfit(ks, mem, 1) if len(ks) > 1 else (mem[0] / ks[0], 0.0)
+    t_coef = float(secs[-1] / ks[-1] ** 2)
+    print(f"extrapolated to k1 = {target}: raysv Ward ~{slope * target + icpt:.0f} MB "
+          f"(linear fit), ~{t_coef * target**2 / 60:.0f} CPU min (quadratic in k1 from the largest); "
+          f"a dense float64 distance matrix alone needs {target * (target - 1) / 2 * 8 / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
