@@ -1,0 +1,187 @@
+"""The whole method end to end on the toy corpus, resume after SIGKILL, refusal of a changed config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_overrides
+from raysv.config import load_config
+from raysv.pipeline import ConfigChanged, plan, run_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _kill_during_finetune(cfg, overrides: list[str]) -> dict:
+    """Start `raysv run` in a subprocess and SIGKILL it once round 1's fine-tune has a checkpoint."""
+    import ray
+
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    cmd = [sys.executable, "-m", "raysv.cli", "run", "--config", str(ROOT / "configs" / "demo.yaml"), *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train_dir = cfg.run_dir / "ray" / f"{cfg.name}-round_1-finetune"
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"raysv run ended (exit {proc.returncode}) before it could be killed")
+            snapshot = train_dir / "checkpoint_manager_snapshot.json"
+            try:  # the epoch checkpoint is registered once Ray Train's snapshot lists it
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("round 1 fine-tune wrote no checkpoint in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    state = json.loads((cfg.run_dir / "state.json").read_text())
+    return {
+        "done": {k: v["finished"] for k, v in state["stages"].items()},
+        "dino_mtime": (cfg.run_dir / "round_0/dino/model/model.pt").stat().st_mtime,
+        "checkpoints": sorted(p.name for p in train_dir.glob("checkpoint_*")),
+    }
+
+
+@pytest.fixture(scope="module")
+def one_round(toy, tmp_path_factory):
+    """One shared end-to-end run of 1 round, killed with SIGKILL in round 1's fine-tune and resumed."""
+    runs = tmp_path_factory.mktemp("runs")
+    overrides = tiny_overrides(toy, runs) + ["rounds.count=1", "name=e2e", "finetune.epochs=3"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
+    killed = _kill_during_finetune(cfg, overrides)
+    results = run_pipeline(cfg)
+    return cfg, results, killed
+
+
+def test_resume_after_sigkill(one_round):
+    from raysv.train.checkpoint import load_training_state
+
+    cfg, _, killed = one_round
+    state = json.loads((cfg.run_dir / "state.json").read_text())
+    assert "round_0/cluster" in killed["done"] and "round_1/finetune" not in killed["done"]
+    for stage, finished in killed["done"].items():  # completed stages were not run again
+        assert state["stages"][stage]["finished"] == finished
+    assert (cfg.run_dir / "round_0/dino/model/model.pt").stat().st_mtime == killed["dino_mtime"]
+    history = load_training_state(cfg.run_dir / "round_1/finetune/model")["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # resumed from its epoch checkpoint
+    assert history[0]["worker_pid"] != history[-1]["worker_pid"]
+
+
+def test_full_run_writes_every_stage(one_round):
+    cfg, results, _ = one_round
+    state = json.loads((cfg.run_dir / "state.json").read_text())
+    assert set(state["stages"]) == {s.id for s in plan(cfg)}
+    for stage in plan(cfg):
+        assert (cfg.run_dir / stage.id / "_complete.json").is_file()
+    names = [row["name"] for row in results["stages"]]
+    assert names == ["round_0/dino", "round_1/finetune", "round_1/lmft"]
+    for row in results["stages"]:
+        assert 0.0 <= row["eer"] <= 1.0 and "toy" in row["trials"] and "dev" in row["trials"]
+    assert 0.0 <= results["stages"][0]["nmi"] <= 1.0
+    saved = json.loads((cfg.run_dir / "results.json").read_text())
+    assert saved["stages"][0]["eer"] == pytest.approx(results["stages"][0]["eer"])
+    assert (cfg.run_dir / "round_0/cluster/labels.parquet").is_file()
+    assert (cfg.run_dir / "round_1/finetune/model/labels.parquet").is_file()
+    assert (cfg.run_dir / "round_0/eval/toy/det.png").is_file()
+
+
+def test_mlflow_holds_parent_children_and_eer(one_round):
+    cfg, _, _ = one_round
+    db = sqlite3.connect(Path(cfg.runs) / "mlflow.db")
+    runs = dict(db.execute("select run_uuid, name from runs").fetchall())
+    parents = db.execute("select run_uuid from tags where key='raysv.kind' and value='pipeline'").fetchall()
+    assert len(parents) == 1
+    children = db.execute("select run_uuid from tags where key='mlflow.parentRunId' and value=?", parents[0]).fetchall()
+    assert len(children) == len(plan(cfg))
+    eer = db.execute("select count(*) from metrics where key like '%eer%'").fetchone()[0]
+    assert eer >= 3 and len(runs) >= len(children) + 1
+
+
+def test_changed_config_is_refused(one_round, toy):
+    cfg, _, _ = one_round
+    changed = load_config(
+        ROOT / "configs" / "demo.yaml",
+        tiny_overrides(toy, cfg.runs) + ["rounds.count=1", "name=e2e", "cluster.k1=10"],
+    )
+    with pytest.raises(ConfigChanged, match=r"cluster\.k1: 12 → 10"):
+        run_pipeline(changed)
+
+
+def _true_label_model(toy, folder: Path, cfg) -> Path:
+    """A small ECAPA trained in-process on the toy corpus's true speakers, saved as a raysv model."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from raysv.data.pipelines import labelled_crop_batch
+    from raysv.methods.supervised import SupervisedMethod
+    from raysv.pseudo.labels import write_labels
+    from raysv.train.checkpoint import save_model
+    from raysv.train.loop import run_epochs
+
+    table = pq.read_table(sorted(Path(toy.shards).glob("part-*.parquet")))
+    speakers = table.column("speaker").to_pylist()
+    names = sorted(set(speakers))
+    utt = np.asarray(table.column("utt_index").to_pylist())
+    labels = np.asarray([names.index(s) for s in speakers], dtype=np.int32)
+    write_labels(folder, utt, labels)
+    audio = np.asarray(table.column("audio").to_pylist(), dtype=object)
+    method = SupervisedMethod(cfg, steps_per_epoch=len(utt) // 8, labels=str(folder / "labels.parquet"))
+    method.setup(torch.device("cpu"), lambda m: m)
+    rng = np.random.default_rng(0)
+
+    def batches(epoch):
+        order = rng.permutation(len(utt))
+        for i in range(0, len(order) - 7, 8):
+            rows = {"audio": audio[order[i:i + 8]], "label": labels[order[i:i + 8]], "utt_index": utt[order[i:i + 8]]}
+            out = labelled_crop_batch(rows, 1.5, None, with_clean=False)
+            yield {k: torch.from_numpy(v) for k, v in out.items() if k != "pid"}
+
+    run_epochs(method, batches, 0, lambda e, m, idx: None)
+    return save_model(folder / "model", method.encoder(), method.model_info())
+
+
+def test_verify_ranks_and_decides(one_round, toy, tmp_path):
+    from raysv.data.trials import read_trials
+    from raysv.inference import load_model
+    from raysv.stages import evaluate_checkpoint
+
+    cfg, _, _ = one_round
+    quick = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(toy, tmp_path) + [
+        "finetune.epochs=12", "finetune.loss_gate.enabled=false", "finetune.label_correction.enabled=false",
+        "finetune.lr.head=0.005", "finetune.loss.margin=0.1"])
+    checkpoint = _true_label_model(toy, tmp_path, quick)
+    evaluate_checkpoint(quick, checkpoint)  # stores the dev-list threshold in model.json
+    model = load_model(checkpoint)
+    assert model.threshold is not None
+    trials = read_trials(toy.test / "trials.txt")
+    rng = np.random.default_rng(0)
+    tar = np.flatnonzero(trials.labels == 1)[rng.choice(int(trials.labels.sum()), 15, replace=False)]
+    non = np.flatnonzero(trials.labels == 0)[rng.choice(int((trials.labels == 0).sum()), 15, replace=False)]
+    wav = toy.test / "wav"
+    wins = 0
+    for t, n in zip(tar, non):
+        s_t, same_t = model.verify(wav / trials.enroll[t], wav / trials.test[t])
+        s_n, same_n = model.verify(wav / trials.enroll[n], wav / trials.test[n])
+        wins += s_t > s_n
+        assert same_t == (s_t >= model.threshold) and same_n == (s_n >= model.threshold)
+    assert wins >= 10  # most same-speaker pairs score above different-speaker pairs
+    out = subprocess.run([sys.executable, "-m", "raysv.cli", "verify", "--checkpoint", str(checkpoint),
+                          str(wav / trials.enroll[tar[0]]), str(wav / trials.test[tar[0]])],
+                         capture_output=True, text=True, check=True).stdout
+    score = model.score(wav / trials.enroll[tar[0]], wav / trials.test[tar[0]])
+    assert f"score {score:.4f}" in out
+    assert ("same speaker" in out) == (score >= model.threshold)
