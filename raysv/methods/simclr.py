@@ -13,7 +13,6 @@ worker computes the same loss over the gathered batch.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from torch import nn
 
 from raysv.config import Config
 from raysv.methods.base import Method, Wrap, autocast, unwrap
-from raysv.methods.supervised import backbone_parameters
+from raysv.models.round_model import backbone_parameters, build_round_encoder
 
 
 # ---------------------------------------------------------------- loss
@@ -146,31 +145,6 @@ class EncoderWithProjector(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder(wave))
-
-
-def build_round_encoder(cfg: Config, pretrained: str | None = None, init: str | None = None) -> nn.Module:
-    """The model to train: an init checkpoint, pre-trained WavLM + MHFA, or ECAPA from scratch."""
-    m = cfg.finetune.model
-    if init:
-        from raysv.train.checkpoint import load_encoder
-
-        encoder, _ = load_encoder(init)
-        return encoder.train()
-    if m.kind == "wavlm_mhfa":
-        from raysv.models.wavlm_mhfa import load_wavlm_mhfa
-
-        source = pretrained or m.pretrained
-        if not source:
-            raise ValueError("simclr: finetune.model.kind is wavlm_mhfa but no pre-trained WavLM was given")
-        encoder = load_wavlm_mhfa(source, m.heads, m.compression, m.embed_dim, m.grad_mult)
-        backbone = encoder.backbone
-        backbone.config.apply_spec_augment = False  # crops are augmented in the data pipeline
-        if getattr(backbone, "masked_spec_embed", None) is not None:
-            backbone.masked_spec_embed.requires_grad_(False)
-        return encoder
-    from raysv.models.ecapa import ECAPAEncoder
-
-    return ECAPAEncoder(**asdict(m.ecapa))
 
 
 # ---------------------------------------------------------------- method

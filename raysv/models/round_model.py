@@ -1,0 +1,54 @@
+"""The model fine-tuned in rounds >= 1 (and by the contrastive baseline), built from the config.
+
+WavLM + MHFA from a pre-trained hub id or folder (the reference), or the ECAPA-TDNN of
+round 0, from scratch or from a checkpoint (e.g. the DINO encoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from torch import nn
+
+from raysv.config import Config
+
+
+def build_round_encoder(cfg: Config, pretrained: str | None = None, init: str | None = None) -> nn.Module:
+    """The model to train: an init checkpoint, pre-trained WavLM + MHFA, or ECAPA from scratch.
+
+    WavLM's own time masking is turned off: crops are augmented in the data pipeline,
+    and an unused mask embedding would stall DDP.
+    """
+    m = cfg.finetune.model
+    if init:
+        from raysv.train.checkpoint import load_encoder
+
+        encoder, _ = load_encoder(init)
+        return encoder.train()
+    if m.kind == "wavlm_mhfa":
+        from raysv.models.wavlm_mhfa import load_wavlm_mhfa
+
+        source = pretrained or m.pretrained
+        if not source:
+            raise ValueError("finetune.model.kind is wavlm_mhfa but no pre-trained WavLM was given")
+        encoder = load_wavlm_mhfa(source, m.heads, m.compression, m.embed_dim, m.grad_mult)
+        backbone = encoder.backbone
+        backbone.config.apply_spec_augment = False  # crops are augmented in the data pipeline
+        if getattr(backbone, "masked_spec_embed", None) is not None:
+            backbone.masked_spec_embed.requires_grad_(False)
+        return encoder
+    from raysv.models.ecapa import ECAPAEncoder
+
+    return ECAPAEncoder(**asdict(m.ecapa))
+
+
+def backbone_parameters(encoder: nn.Module) -> list[nn.Parameter]:
+    """The pre-trained part (WavLM's transformer) gets its own small learning rate and the L2-SP pull.
+
+    An ECAPA round model has no pre-trained backbone in this sense: all of it is trained at
+    the back-end rate.
+    """
+    backbone = getattr(encoder, "backbone", None)
+    if backbone is None:
+        return []
+    return [p for p in backbone.parameters() if p.requires_grad]
