@@ -20,7 +20,7 @@ def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 def _load(args) -> "Config":  # noqa: F821
     from raysv.config import load_config
 
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, getattr(args, "merge", None))
 
 
 def _print_metrics(name: str, metrics: dict) -> None:
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole method, round after round; re-run to resume")
     p.add_argument("--until", help="stop after this stage (e.g. round_0/dino, round_1/cluster)")
     p.add_argument("--restart-from", help="re-run this stage and everything after it")
+    p.add_argument("--merge", action="append", metavar="YAML",
+                   help="YAML merged over the config, e.g. a sweep's best per-round settings")
     _config_args(p, required=True)
     p.set_defaults(func=cmd_run)
 

@@ -408,18 +408,25 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults) and apply ``a.b=c`` overrides in order."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        with path.open() as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = loaded
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with path.open() as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, merge: list[str | Path] | None = None
+) -> Config:
+    """Load a YAML config (or the defaults), deep-merge ``merge`` files (e.g. a sweep's best
+    per-round settings), then apply ``a.b=c`` overrides in order."""
+    data: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    for extra in merge or []:
+        data = deep_merge(data, _read_yaml(extra))
     for text in overrides or []:
         data = deep_merge(data, parse_override(text))
     cfg = from_dict(Config, data)
