@@ -23,6 +23,7 @@ from torch import nn
 from raysv.config import Config
 from raysv.methods.base import Method, Wrap, all_reduce_sum, autocast, unwrap
 from raysv.models.heads import AAMSoftmax, margin_at
+from raysv.models.round_model import backbone_parameters, build_round_encoder
 
 log = logging.getLogger("raysv.train")
 
@@ -30,8 +31,10 @@ log = logging.getLogger("raysv.train")
 def gmm_crossing(losses: np.ndarray, seed: int = 0) -> float | None:
     """Loss value where a 2-component GMM's weighted densities cross between the two means.
 
-    Returns None when the losses are not bimodal: no crossing between the means
-    (one component dominates everywhere), too few samples, or degenerate spread.
+    Returns None when the losses are not bimodal: the fitted mixture density has no
+    dip between the two means (a unimodal sample split into two overlapping
+    components), no crossing between the means (one component dominates
+    everywhere), too few samples, or degenerate spread.
     """
     from sklearn.mixture import GaussianMixture
 
@@ -45,6 +48,11 @@ def gmm_crossing(losses: np.ndarray, seed: int = 0) -> float | None:
     if hi - lo <= 1e-9:
         return None
     grid = np.linspace(lo, hi, 2001).reshape(-1, 1)
+    # Every mode of a two-Gaussian mixture lies between its means: bimodal iff the density dips there.
+    density = np.exp(gmm.score_samples(grid))
+    rim = np.minimum(np.maximum.accumulate(density), np.maximum.accumulate(density[::-1])[::-1])
+    if not np.any(density < rim * (1.0 - 1e-6)):
+        return None
     post = gmm.predict_proba(grid)[:, int(np.argmax(means))]  # P(high-loss component | x)
     above = np.nonzero(post >= 0.5)[0]
     if above.size == 0 or above[0] == 0:
@@ -72,18 +80,6 @@ class EncoderWithClassifier(nn.Module):
 
     def forward(self, wave: torch.Tensor, labels: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self.classifier(self.encoder(wave), labels, margin)
-
-
-def backbone_parameters(encoder: nn.Module) -> list[nn.Parameter]:
-    """The pre-trained part (WavLM's transformer) gets its own small learning rate and the L2-SP pull.
-
-    An ECAPA round model has no pre-trained backbone in this sense: all of it is trained at
-    the back-end rate.
-    """
-    backbone = getattr(encoder, "backbone", None)
-    if backbone is None:
-        return []
-    return [p for p in backbone.parameters() if p.requires_grad]
 
 
 class SupervisedMethod(Method):
@@ -124,31 +120,12 @@ class SupervisedMethod(Method):
     # -- model
     def build_encoder(self) -> nn.Module:
         """The round model: an init checkpoint, pre-trained WavLM + MHFA, or ECAPA from scratch."""
-        m = self.cfg.finetune.model
-        if self.init:
-            from raysv.train.checkpoint import load_encoder
-
-            encoder, _ = load_encoder(self.init)
-            return encoder.train()
-        if m.kind == "wavlm_mhfa":
-            from raysv.models.wavlm_mhfa import load_wavlm_mhfa
-
-            return load_wavlm_mhfa(self.pretrained, m.heads, m.compression, m.embed_dim, m.grad_mult)
-        from dataclasses import asdict
-
-        from raysv.models.ecapa import ECAPAEncoder
-
-        return ECAPAEncoder(**asdict(m.ecapa))
+        return build_round_encoder(self.cfg, self.pretrained, self.init)
 
     def setup(self, device: torch.device, wrap: Wrap) -> None:
         f = self.cfg.finetune
         torch.manual_seed(self.cfg.seed)
         encoder = self.build_encoder()
-        backbone = getattr(encoder, "backbone", None)
-        if backbone is not None and hasattr(backbone, "masked_spec_embed"):
-            backbone.config.apply_spec_augment = False  # crops are augmented in the data pipeline
-            if backbone.masked_spec_embed is not None:
-                backbone.masked_spec_embed.requires_grad_(False)
         classifier = AAMSoftmax(encoder.embed_dim, self.num_classes, self.margin, self.cfg.finetune.loss.scale)
         if self.init:
             self._load_init_classifier(classifier)
@@ -239,7 +216,7 @@ class SupervisedMethod(Method):
         accuracy = (logits.argmax(dim=-1) == labels).float().mean()
         return {
             "loss": loss.item(),
-            "l2sp": float(penalty),
+            "l2sp": float(penalty.detach()),
             "accuracy": float(accuracy),
             "margin": margin,
             "lr_backbone": self.optimizer.param_groups[0]["lr"],
