@@ -21,7 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
-DOCS = REPO / "docs" / "cluster.md"
+DOCS = REPO / "README.md"
 
 # vCPUs, GPUs and memory (GiB) of the EC2 instance types the cluster uses.
 INSTANCES = {"m6i.4xlarge": (16, 0, 64), "c6i.16xlarge": (64, 0, 128), "p4d.24xlarge": (96, 8, 1152)}
