@@ -62,6 +62,8 @@ def cluster(gpus: int, timeout_s: float = 3600.0):
 def main(argv: list[str] | None = None) -> None:
     p = job_parser("Run (or continue) the raysv pipeline on the Ray cluster this job was submitted to.")
     p.add_argument("--until", help="stop after this stage (e.g. round_0/dino, round_1/cluster)")
+    p.add_argument("--merge", action="append", default=[], metavar="FILE",
+                   help="YAML merged after --config, before key=value (e.g. a sweep's best.yaml)")
     p.add_argument("--restart-from", help="re-run this stage and everything after it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     from raysv.pipeline import ConfigChanged, plan, run_pipeline
 
     try:
-        cfg = load_config(args.config, job_overrides(args))
+        cfg = load_config(args.config, job_overrides(args), merge=args.merge)
         ids = [s.id for s in plan(cfg)]
         for flag, stage in (("--until", args.until), ("--restart-from", args.restart_from)):
             if stage is not None and stage not in ids:

@@ -399,9 +399,10 @@ def parse_override(text: str) -> dict[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     value = yaml.safe_load(raw) if raw.strip() else ""
-    nested: dict[str, Any] = {}
+    nested: dict[Any, Any] = {}
     node = nested
-    parts = key.split(".")
+    # Numeric parts are round numbers (rounds.overrides.2...), as YAML reads them: ints.
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
