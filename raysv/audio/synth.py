@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.ndimage import convolve1d
 
 _TAG_SPEAKER, _TAG_SESSION, _TAG_UTT, _TAG_TRIALS = 11, 12, 13, 14
 _ENUMERATE_LIMIT = 2_000_000  # enumerate candidate pairs up to this count, else rejection-sample
@@ -232,11 +233,7 @@ def _smooth(x: np.ndarray, width: int) -> np.ndarray:
     if width <= 1:
         return x
     w = np.hanning(width + 2)[1:-1]
-    w /= w.sum()
-    pad = width // 2
-    xp = np.pad(x, [(pad, width - 1 - pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
-    return np.apply_along_axis(lambda c: np.convolve(c, w, mode="valid"), 0, xp) if x.ndim > 1 else np.convolve(
-        xp, w, mode="valid")
+    return convolve1d(x, w / w.sum(), axis=0, mode="nearest")
 
 
 def _stft_geometry(sample_rate: int) -> tuple[int, int]:
