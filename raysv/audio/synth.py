@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import time
 import wave
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def _session(seed: int, speaker: int, session: int, freqs: np.ndarray) -> Sessio
                    rng.normal(0.0, _SESSION_TILT_DB))
 
 
-def _plan(rng: np.random.Generator, voice: Voice, duration: float):
+def _plan(rng: np.random.Generator, voice: Voice, duration: float) -> tuple[np.ndarray, ...]:
     """Random phone sequence as per-segment arrays (end time, voicing, frication, formants)."""
     ends: list[float] = []
     vlev: list[float] = []
@@ -380,7 +381,13 @@ def _render_session(task: tuple) -> list[tuple[str, str, str, int]]:
     return rows
 
 
-def _choose_pairs(rng: np.random.Generator, count: int, available: int, enumerate_pairs, draw) -> np.ndarray:
+def _choose_pairs(
+    rng: np.random.Generator,
+    count: int,
+    available: int,
+    enumerate_pairs: Callable[[], np.ndarray],
+    draw: Callable[[int], Iterator[tuple[int, int]]],
+) -> np.ndarray:
     """``count`` distinct unordered pairs, enumerated when feasible, else by rejection."""
     if count <= 0:
         return np.zeros((0, 2), dtype=np.int64)
@@ -400,8 +407,12 @@ def _choose_pairs(rng: np.random.Generator, count: int, available: int, enumerat
     return np.asarray(chosen, dtype=np.int64)
 
 
-def make_trials(speakers: np.ndarray, sessions: np.ndarray, trials: int, rng: np.random.Generator):
-    """Balanced trials as (label, i, j) index rows; targets always cross-session, no duplicate pairs.
+def make_trials(
+    speakers: np.ndarray, sessions: np.ndarray, trials: int, rng: np.random.Generator
+) -> tuple[np.ndarray, str]:
+    """Balanced trials as ``(label, i, j)`` rows indexing the utterance arrays.
+
+    Targets are always cross-session; no unordered pair repeats; enroll/test order is random.
 
     Returns the rows and a note when fewer distinct pairs existed than requested.
     """
@@ -432,7 +443,7 @@ def make_trials(speakers: np.ndarray, sessions: np.ndarray, trials: int, rng: np
             out.append(np.stack([g[i][m], g[j][m]], axis=1))
         return np.concatenate(out)
 
-    def draw_targets(k: int):
+    def draw_targets(k: int) -> Iterator[tuple[int, int]]:
         sizes = np.array([len(g) for g in spk_groups], dtype=np.float64)
         pick = rng.choice(len(spk_groups), size=k, p=sizes * (sizes - 1) / np.sum(sizes * (sizes - 1)))
         for s in pick:
@@ -445,7 +456,7 @@ def make_trials(speakers: np.ndarray, sessions: np.ndarray, trials: int, rng: np
         m = speakers[i] != speakers[j]
         return np.stack([i[m], j[m]], axis=1)
 
-    def draw_non(k: int):
+    def draw_non(k: int) -> Iterator[tuple[int, int]]:
         a, b = rng.integers(n, size=k), rng.integers(n, size=k)
         for x, y in zip(a, b):
             if speakers[x] != speakers[y]:
