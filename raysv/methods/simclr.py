@@ -21,7 +21,7 @@ from torch import nn
 
 from raysv.config import Config
 from raysv.methods.base import Method, Wrap, autocast, unwrap
-from raysv.models.round_model import backbone_parameters, build_round_encoder
+from raysv.models.round_model import build_round_encoder, split_parameters
 
 
 # ---------------------------------------------------------------- loss
@@ -176,9 +176,7 @@ class SimclrMethod(Method):
         self.device = device
         self.model = wrap(EncoderWithProjector(encoder, projector))
         bare = unwrap(self.model)
-        backbone = backbone_parameters(bare.encoder)
-        ids = {id(p) for p in backbone}
-        head = [p for p in bare.parameters() if p.requires_grad and id(p) not in ids]
+        backbone, head = split_parameters(bare, bare.encoder)
         self.base_lrs = [s.lr.backbone, s.lr.head]
         self.optimizer = torch.optim.AdamW(
             [{"params": backbone, "lr": s.lr.backbone}, {"params": head, "lr": s.lr.head}],

@@ -23,7 +23,7 @@ from torch import nn
 from raysv.config import Config
 from raysv.methods.base import Method, Wrap, all_reduce_sum, autocast, unwrap
 from raysv.models.heads import AAMSoftmax, margin_at
-from raysv.models.round_model import backbone_parameters, build_round_encoder
+from raysv.models.round_model import backbone_parameters, build_round_encoder, split_parameters
 
 log = logging.getLogger("raysv.train")
 
@@ -132,9 +132,7 @@ class SupervisedMethod(Method):
         self.device = device
         self.model = wrap(EncoderWithClassifier(encoder, classifier))
         bare = unwrap(self.model)
-        backbone_params = backbone_parameters(bare.encoder)
-        ids = {id(p) for p in backbone_params}
-        head_params = [p for p in bare.parameters() if p.requires_grad and id(p) not in ids]
+        backbone_params, head_params = split_parameters(bare, bare.encoder)
         scale = self.cfg.lmft.lr_scale if self.large_margin else 1.0
         self.base_lrs = [f.lr.backbone * scale, f.lr.head * scale]
         self.optimizer = torch.optim.AdamW(

@@ -52,3 +52,10 @@ def backbone_parameters(encoder: nn.Module) -> list[nn.Parameter]:
     if backbone is None:
         return []
     return [p for p in backbone.parameters() if p.requires_grad]
+
+
+def split_parameters(model: nn.Module, encoder: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(pre-trained backbone, everything else trainable) of ``model``, for two learning rates."""
+    backbone = backbone_parameters(encoder)
+    ids = {id(p) for p in backbone}
+    return backbone, [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
