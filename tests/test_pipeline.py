@@ -139,6 +139,7 @@ def _true_label_model(toy, folder: Path, cfg) -> Path:
     labels = np.asarray([names.index(s) for s in speakers], dtype=np.int32)
     write_labels(folder, utt, labels)
     audio = np.asarray(table.column("audio").to_pylist(), dtype=object)
+    torch.manual_seed(0)
     method = SupervisedMethod(cfg, steps_per_epoch=len(utt) // 8, labels=str(folder / "labels.parquet"))
     method.setup(torch.device("cpu"), lambda m: m)
     rng = np.random.default_rng(0)
@@ -147,19 +148,18 @@ def _true_label_model(toy, folder: Path, cfg) -> Path:
         order = rng.permutation(len(utt))
         for i in range(0, len(order) - 7, 8):
             rows = {"audio": audio[order[i:i + 8]], "label": labels[order[i:i + 8]], "utt_index": utt[order[i:i + 8]]}
-            out = labelled_crop_batch(rows, 1.5, None, with_clean=False)
+            out = labelled_crop_batch(rows, 1.5, None, with_clean=False, rng=rng)
             yield {k: torch.from_numpy(v) for k, v in out.items() if k != "pid"}
 
     run_epochs(method, batches, 0, lambda e, m, idx: None)
     return save_model(folder / "model", method.encoder(), method.model_info())
 
 
-def test_verify_ranks_and_decides(one_round, toy, tmp_path):
+def test_verify_ranks_and_decides(toy, tmp_path):
     from raysv.data.trials import read_trials
     from raysv.inference import load_model
     from raysv.stages import evaluate_checkpoint
 
-    cfg, _, _ = one_round
     quick = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(toy, tmp_path) + [
         "finetune.epochs=12", "finetune.loss_gate.enabled=false", "finetune.label_correction.enabled=false",
         "finetune.lr.head=0.005", "finetune.loss.margin=0.1"])
@@ -169,8 +169,8 @@ def test_verify_ranks_and_decides(one_round, toy, tmp_path):
     assert model.threshold is not None
     trials = read_trials(toy.test / "trials.txt")
     rng = np.random.default_rng(0)
-    tar = np.flatnonzero(trials.labels == 1)[rng.choice(int(trials.labels.sum()), 15, replace=False)]
-    non = np.flatnonzero(trials.labels == 0)[rng.choice(int((trials.labels == 0).sum()), 15, replace=False)]
+    tar = np.flatnonzero(trials.labels == 1)[rng.choice(int(trials.labels.sum()), 30, replace=False)]
+    non = np.flatnonzero(trials.labels == 0)[rng.choice(int((trials.labels == 0).sum()), 30, replace=False)]
     wav = toy.test / "wav"
     wins = 0
     for t, n in zip(tar, non):
@@ -178,7 +178,8 @@ def test_verify_ranks_and_decides(one_round, toy, tmp_path):
         s_n, same_n = model.verify(wav / trials.enroll[n], wav / trials.test[n])
         wins += s_t > s_n
         assert same_t == (s_t >= model.threshold) and same_n == (s_n >= model.threshold)
-    assert wins >= 10  # most same-speaker pairs score above different-speaker pairs
+    print("verify wins", wins, "of", len(tar))
+    assert wins >= 20  # most same-speaker pairs score above different-speaker pairs
     out = subprocess.run([sys.executable, "-m", "raysv.cli", "verify", "--checkpoint", str(checkpoint),
                           str(wav / trials.enroll[tar[0]]), str(wav / trials.test[tar[0]])],
                          capture_output=True, text=True, check=True).stdout

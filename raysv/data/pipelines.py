@@ -100,10 +100,11 @@ def multi_crop_batch(batch: dict[str, np.ndarray], views: dict[str, tuple[int, f
 
 
 def labelled_crop_batch(
-    batch: dict[str, np.ndarray], seconds: float, aug: tuple | None, with_clean: bool
+    batch: dict[str, np.ndarray], seconds: float, aug: tuple | None, with_clean: bool,
+    rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """One random crop per utterance, augmented; plus the same crop clean when asked."""
-    rng = np.random.default_rng()
+    rng = rng if rng is not None else np.random.default_rng()
     length = int(round(seconds * SAMPLE_RATE))
     augmenter = _augmenter(aug) if aug is not None else None
     waves, cleans = [], []
