@@ -40,6 +40,8 @@ class AugmentConfig:
     rir: str | None = None
     noise_prob: float = 0.6
     reverb_prob: float = 0.3
+    eq_prob: float = 0.0  # random channel response (tilt, peaks/notches, band limit) per crop
+    eq_db: float = 6.0
     snr_noise: tuple[float, float] = (0.0, 15.0)
     snr_music: tuple[float, float] = (5.0, 15.0)
     snr_babble: tuple[float, float] = (13.0, 20.0)

@@ -264,3 +264,43 @@ def test_unreadable_noise_file_is_skipped_with_a_warning(
     aug = Augmenter(musan=str(only_broken), noise_prob=1.0, reverb_prob=0.0)
     with pytest.raises(ValueError, match=f"{only_broken}/music"):
         aug(wave, np.random.default_rng(0))
+
+
+def test_channel_eq_shapes_spectrum_as_its_gain_curve() -> None:
+    from scipy.signal import welch
+
+    from raysv.audio.augment import apply_gains, random_eq_gains
+
+    rng = np.random.default_rng(3)
+    white = rng.standard_normal(4 * SR)
+    freqs = np.fft.rfftfreq(white.size, 1 / SR)
+    gains = random_eq_gains(freqs, np.random.default_rng(7), eq_db=6.0, lowpass_prob=0.0)
+    out = apply_gains(white, gains)
+    assert np.mean(out**2) == pytest.approx(np.mean(white**2), rel=1e-9)  # level kept
+    f, p_in = welch(white, SR, nperseg=512)
+    _, p_out = welch(out, SR, nperseg=512)
+    measured = 10 * np.log10(p_out / p_in)
+    expected = np.interp(f, freqs, gains)
+    band = (f > 200) & (f < 7000)
+    offset = np.mean(measured[band] - expected[band])  # the level normalisation is a constant shift
+    assert np.max(np.abs(measured[band] - expected[band] - offset)) < 1.5
+    assert np.ptp(expected[band]) > 3.0  # the curve is not flat
+
+
+def test_channel_eq_band_limit_and_probability() -> None:
+    from raysv.audio.augment import random_eq_gains
+
+    freqs = np.fft.rfftfreq(SR, 1 / SR)
+    gains = random_eq_gains(freqs, np.random.default_rng(0), eq_db=0.0, lowpass_prob=1.0)
+    assert np.all(gains[freqs > 8000 - 1] <= -59.0) and np.ptp(gains[freqs < 2500]) < 1e-9
+    x = _speech()
+    rng = np.random.default_rng(1)
+    never = Augmenter(noise_prob=0.0, reverb_prob=0.0, eq_prob=0.0)
+    assert np.array_equal(never(x, rng), x)
+    always = Augmenter(noise_prob=0.0, reverb_prob=0.0, eq_prob=1.0)
+    out, info = always.augment(x, rng)
+    assert info.eq and not np.allclose(out, x, atol=1e-4)
+    with pytest.raises(ValueError, match="eq_prob"):
+        Augmenter(eq_prob=1.5)
+    with pytest.raises(ValueError, match="eq_db"):
+        Augmenter(eq_db=-1.0)

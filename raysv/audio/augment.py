@@ -137,11 +137,42 @@ def reverberate(wave: np.ndarray, rir: np.ndarray) -> np.ndarray:
     return full[delay : delay + len(wave)]
 
 
+def random_eq_gains(
+    freqs: np.ndarray, rng: np.random.Generator, eq_db: float, lowpass_prob: float = 0.3
+) -> np.ndarray:
+    """Gain in dB at ``freqs`` (Hz) of a random microphone/channel response.
+
+    A spectral tilt, 2–5 peaks or notches at random log-frequencies (width 0.2–1
+    octave, gain N(0, eq_db) dB) and, with ``lowpass_prob``, a band limit between
+    3 and 7.5 kHz: the stationary colouring that separates one recording set-up
+    from another, which a speaker embedding must ignore.
+    """
+    octaves = np.log2(np.maximum(freqs, 50.0) / 1000.0)
+    gains = rng.normal(0.0, eq_db / 3.0) * octaves
+    for _ in range(int(rng.integers(2, 6))):
+        centre = rng.uniform(np.log2(0.1), np.log2(7.0))
+        width = rng.uniform(0.2, 1.0)
+        gains = gains + rng.normal(0.0, eq_db) * np.exp(-0.5 * ((octaves - centre) / width) ** 2)
+    if rng.random() < lowpass_prob:
+        cutoff = rng.uniform(3000.0, 7500.0)
+        gains = gains - 60.0 * np.clip((freqs - cutoff) / 500.0, 0.0, 1.0)
+    return gains
+
+
+def apply_gains(wave: np.ndarray, gains_db: np.ndarray) -> np.ndarray:
+    """Filter by a zero-phase gain curve over the wave's rfft bins, keeping its mean power."""
+    x = np.asarray(wave, dtype=np.float64)
+    y = np.fft.irfft(np.fft.rfft(x) * 10.0 ** (gains_db / 20.0), n=x.size)
+    p_in, p_out = power(x), power(y)
+    return y * np.sqrt(p_in / p_out) if p_out > 0 else y
+
+
 @dataclass
 class AugmentInfo:
     """What one call did; the components sum to the output (``speech + noise``)."""
 
     reverb: bool
+    eq: bool
     noise_kind: str | None
     snr_db: float | None
     speech: np.ndarray
@@ -149,7 +180,7 @@ class AugmentInfo:
 
 
 class Augmenter:
-    """Random reverberation and additive noise, one independent draw per crop."""
+    """Random reverberation, channel response and additive noise, one independent draw per crop."""
 
     cache_size = 32
 
@@ -164,12 +195,18 @@ class Augmenter:
         snr_babble: tuple[float, float] = (13.0, 20.0),
         babble_speakers: tuple[int, int] = (3, 7),
         sample_rate: int = 16000,
+        eq_prob: float = 0.0,
+        eq_db: float = 6.0,
     ) -> None:
-        for name, p in (("noise_prob", noise_prob), ("reverb_prob", reverb_prob)):
+        for name, p in (("noise_prob", noise_prob), ("reverb_prob", reverb_prob), ("eq_prob", eq_prob)):
             if not 0.0 <= float(p) <= 1.0:
                 raise ValueError(f"augment {name} must be in [0, 1], got {p}")
         self.noise_prob = float(noise_prob)
         self.reverb_prob = float(reverb_prob)
+        self.eq_prob = float(eq_prob)
+        if float(eq_db) < 0:
+            raise ValueError(f"augment eq_db must be >= 0, got {eq_db}")
+        self.eq_db = float(eq_db)
         self.snr = {
             "noise": _range("snr_noise", snr_noise, float),
             "music": _range("snr_music", snr_music, float),
@@ -200,7 +237,7 @@ class Augmenter:
 
         defaults = cls.__init__.__defaults__  # type: ignore[misc]
         names = ("musan", "rir", "noise_prob", "reverb_prob", "snr_noise", "snr_music",
-                 "snr_babble", "babble_speakers", "sample_rate")
+                 "snr_babble", "babble_speakers", "sample_rate", "eq_prob", "eq_db")
         kwargs = {n: get(n, d) for n, d in zip(names, defaults)}
         if sample_rate is not None:
             kwargs["sample_rate"] = sample_rate
@@ -305,11 +342,15 @@ class Augmenter:
         n = wave.shape[0]
         do_reverb = bool(rng.random() < self.reverb_prob)
         do_noise = bool(rng.random() < self.noise_prob)
+        do_eq = bool(rng.random() < self.eq_prob)
         speech = wave.astype(np.float64)
         if n == 0:
-            return wave.astype(np.float32), AugmentInfo(False, None, None, speech, None)
+            return wave.astype(np.float32), AugmentInfo(False, False, None, None, speech, None)
         if do_reverb:
             speech = reverberate(speech, self.draw_rir(rng))
+        if do_eq:
+            freqs = np.fft.rfftfreq(n, 1.0 / self.sample_rate)
+            speech = apply_gains(speech, random_eq_gains(freqs, rng, self.eq_db))
         kind = snr = noise = None
         out = speech
         if do_noise and self.kinds:
@@ -320,7 +361,7 @@ class Augmenter:
             if p_speech > 0 and p_noise > 0:
                 noise = raw * np.sqrt(p_speech / (p_noise * 10.0 ** (snr / 10.0)))
                 out = speech + noise
-        info = AugmentInfo(do_reverb, kind if noise is not None else None,
+        info = AugmentInfo(do_reverb, do_eq, kind if noise is not None else None,
                            snr if noise is not None else None, speech, noise)
         return out.astype(np.float32), info
 

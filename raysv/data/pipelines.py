@@ -46,6 +46,8 @@ def augment_params(cfg: AugmentConfig | None) -> tuple | None:
         ("rir", cfg.rir),
         ("noise_prob", cfg.noise_prob),
         ("reverb_prob", cfg.reverb_prob),
+        ("eq_prob", cfg.eq_prob),
+        ("eq_db", cfg.eq_db),
         ("snr_noise", tuple(cfg.snr_noise)),
         ("snr_music", tuple(cfg.snr_music)),
         ("snr_babble", tuple(cfg.snr_babble)),
