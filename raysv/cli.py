@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--config", required=required, help="YAML run config (e.g. configs/demo.yaml)")
+    p.add_argument("--merge", action="append", metavar="YAML",
+                   help="YAML merged over the config (repeatable), e.g. configs/demo_wavlm.yaml "
+                        "or a sweep's best per-round settings")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dino.epochs=3")
 
 
@@ -147,6 +150,15 @@ def cmd_cluster(args) -> None:
     print(json.dumps(diag, indent=2, default=float))
 
 
+def cmd_labels(args) -> None:
+    from raysv.data.shards import read_manifest
+    from raysv.pseudo.labels import speaker_labels, write_labels
+
+    utt, labels, names = speaker_labels(read_manifest(args.shards))
+    path = write_labels(args.out, utt, labels)
+    print(f"{len(utt)} utterances of {len(names)} speakers: {path}")
+
+
 def cmd_finetune(args) -> None:
     from raysv import stages
 
@@ -258,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_train_dino if name == "train-dino" else cmd_train_ssl)
 
     p = sub.add_parser("extract", help="embed every utterance of the shards with a checkpoint (Ray actors)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a raysv model folder, or fbank-mean for the untrained baseline")
     p.add_argument("--shards")
     p.add_argument("--out", required=True)
     _config_args(p)
@@ -276,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="manifest.parquet with true speakers (diagnostics only)")
     p.set_defaults(func=cmd_cluster)
 
+    p = sub.add_parser("labels", help="labels.parquet of the true speakers in a shard manifest (supervised reference)")
+    p.add_argument("--shards", required=True, help="prepared shard folder (its manifest.parquet names the speakers)")
+    p.add_argument("--out", required=True, help="folder to write labels.parquet into")
+    p.set_defaults(func=cmd_labels)
+
     p = sub.add_parser("finetune", help="fine-tune the round model on (pseudo-)labels with AAM-softmax")
     p.add_argument("--labels", required=True, help="labels.parquet (utt_index, label)")
     p.add_argument("--init", help="checkpoint to start from (ECAPA from DINO, or large-margin from a round)")
@@ -287,8 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole method, round after round; re-run to resume")
     p.add_argument("--until", help="stop after this stage (e.g. round_0/dino, round_1/cluster)")
     p.add_argument("--restart-from", help="re-run this stage and everything after it")
-    p.add_argument("--merge", action="append", metavar="YAML",
-                   help="YAML merged over the config, e.g. a sweep's best per-round settings")
     _config_args(p, required=True)
     p.set_defaults(func=cmd_run)
 

@@ -303,7 +303,11 @@ def _training_summary(model_dir: Path) -> dict[str, Any]:
         return {}
     last = history[-1]
     keep = ("loss", "accuracy", "dropped", "corrected", "epoch")
-    return {k: last[k] for k in keep if k in last} | {"epochs": len(history)}
+    summary = {k: last[k] for k in keep if k in last} | {"epochs": len(history)}
+    peaks = [h["peak_rss_mb"] for h in history if "peak_rss_mb" in h]
+    if peaks:
+        summary["peak_rss_mb"] = max(peaks)
+    return summary
 
 
 def _flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

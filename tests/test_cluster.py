@@ -333,3 +333,27 @@ def test_run_clustering_errors_leave_no_marker(tmp_path: Path, ray_session) -> N
     _write_manifest(tmp_path / "m.parquet", np.arange(10), ["a"] * 10)
     with pytest.raises(ValueError, match=r"m\.parquet lacks 5 utt_index"):
         run_clustering(tmp_path / "e.parquet", out, k1=3, manifest=tmp_path / "m.parquet")
+
+
+def test_true_speaker_labels_from_manifest(tmp_path: Path) -> None:
+    from raysv.pseudo.labels import speaker_labels
+
+    manifest = pa.table({"utt_index": [0, 1, 2, 3], "speaker": ["b", "a", "b", "c"]})
+    utt, labels, names = speaker_labels(manifest)
+    assert names == ["a", "b", "c"] and utt.tolist() == [0, 1, 2, 3] and labels.tolist() == [1, 0, 1, 2]
+    with pytest.raises(ValueError, match="no speaker"):
+        speaker_labels(pa.table({"utt_index": [0, 1], "speaker": ["a", None]}))
+    with pytest.raises(ValueError, match="'speaker' column"):
+        speaker_labels(pa.table({"utt_index": [0]}))
+
+
+def test_labels_command_writes_true_speakers(toy, tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "raysv.cli", "labels", "--shards", str(toy.shards),
+                          "--out", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    utt, labels = read_labels(tmp_path)
+    speakers = pq.read_table(toy.shards / "manifest.parquet").to_pydict()
+    by_utt = dict(zip(speakers["utt_index"], speakers["speaker"]))
+    assert sorted(utt.tolist()) == sorted(by_utt)
+    for u, lab in zip(utt, labels):  # one label per speaker, the same for all its utterances
+        assert (labels[[by_utt[int(v)] == by_utt[int(u)] for v in utt]] == lab).all()
+    assert num_classes(labels) == len(set(by_utt.values())) and "6 speakers" in out

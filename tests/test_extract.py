@@ -206,3 +206,17 @@ def test_coverage_check_names_missing_and_repeated_rows():
         check_coverage(np.arange(3), np.array([0, 1, 1, 2]), "s")
     with pytest.raises(RuntimeError, match=r"missing utt_index \[3\], unexpected \[7\]"):
         check_coverage(np.arange(4), np.array([0, 1, 2, 7]), "s")
+
+
+def test_fbank_mean_baseline_extraction(ray_session, shards, tmp_path):
+    from raysv.evaluation.baseline import fbank_mean_embedding
+
+    folder, waves = shards
+    info = extract_embeddings("fbank-mean", folder, tmp_path, max_seconds=MAX_SECONDS, batch_size=4,
+                              num_actors=2, use_gpu=False)
+    utt_index, emb = read_embeddings(tmp_path / "embeddings.parquet")
+    np.testing.assert_array_equal(utt_index, np.arange(len(DURATIONS)))
+    limit = int(MAX_SECONDS * 16000)
+    expected = np.stack([fbank_mean_embedding(w[:limit]) for w in waves])
+    np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-5)
+    assert info["dim"] == 160 and len(info["actor_pids"]) == 2

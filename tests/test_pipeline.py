@@ -60,7 +60,9 @@ def _kill_during_finetune(cfg, overrides: list[str]) -> dict:
 def one_round(toy, tmp_path_factory):
     """One shared end-to-end run of 1 round, killed with SIGKILL in round 1's fine-tune and resumed."""
     runs = tmp_path_factory.mktemp("runs")
-    overrides = tiny_overrides(toy, runs) + ["rounds.count=1", "name=e2e", "finetune.epochs=3"]
+    overrides = tiny_overrides(toy, runs) + ["rounds.count=1", "name=e2e", "finetune.epochs=3",
+                                             "simclr.enabled=true", "simclr.epochs=1", "simclr.batch_size=8",
+                                             "simclr.crop_seconds=1.0"]
     cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
     killed = _kill_during_finetune(cfg, overrides)
     results = run_pipeline(cfg)
@@ -88,7 +90,7 @@ def test_full_run_writes_every_stage(one_round):
     for stage in plan(cfg):
         assert (cfg.run_dir / stage.id / "_complete.json").is_file()
     names = [row["name"] for row in results["stages"]]
-    assert names == ["round_0/dino", "round_1/finetune", "round_1/lmft"]
+    assert names == ["round_0/dino", "baseline/simclr", "round_1/finetune", "round_1/lmft"]
     for row in results["stages"]:
         assert 0.0 <= row["eer"] <= 1.0 and "toy" in row["trials"] and "dev" in row["trials"]
     assert 0.0 <= results["stages"][0]["nmi"] <= 1.0
@@ -97,6 +99,9 @@ def test_full_run_writes_every_stage(one_round):
     assert (cfg.run_dir / "round_0/cluster/labels.parquet").is_file()
     assert (cfg.run_dir / "round_1/finetune/model/labels.parquet").is_file()
     assert (cfg.run_dir / "round_0/eval/toy/det.png").is_file()
+    simclr = json.loads((cfg.run_dir / "baseline/simclr/model/model.json").read_text())
+    assert simclr["method"] == "simclr"  # the contrastive baseline ran as a stage and was scored
+    assert (cfg.run_dir / "baseline/simclr_eval/metrics.json").is_file()
 
 
 def test_mlflow_holds_parent_children_and_eer(one_round):

@@ -109,6 +109,7 @@ def test_two_workers_disjoint_shards_and_worker_replacement(toy, tmp_path):
     assert marker.exists(), "the fault hook did not fire"
     history = load_training_state(out)["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]  # none repeated, none skipped
+    assert all(50 < h["peak_rss_mb"] < 64 * 1024 for h in history)  # the worker's peak memory is recorded
     killed_pid = int(marker.read_text())
     assert history[0]["worker_pid"] == killed_pid  # epoch 0 was not repeated after the restart
     assert history[1]["worker_pid"] != killed_pid and history[2]["worker_pid"] == history[1]["worker_pid"]

@@ -3,7 +3,8 @@
 The student sees every crop, the teacher (an EMA of the student) only the global
 ones; the loss is the cross-entropy between the centred, sharpened teacher output
 and the student output over all pairs of different views. The embedding model
-kept afterwards is the teacher's backbone.
+kept afterwards is the teacher's backbone. The teacher runs in train mode and keeps
+its own BatchNorm statistics: the student's would belong to other weights.
 """
 
 from __future__ import annotations
@@ -138,8 +139,6 @@ class DinoMethod(Method):
         with torch.no_grad():
             for ps, pt in zip(unwrap(self.student).parameters(), self.teacher.parameters()):
                 pt.mul_(momentum).add_(ps.detach(), alpha=1.0 - momentum)
-            for bs, bt in zip(unwrap(self.student).buffers(), self.teacher.buffers()):
-                bt.copy_(bs)
             batch_center = all_reduce_mean(torch.cat(teacher_out).float().mean(dim=0, keepdim=True))
             self.center.mul_(d.center_momentum).add_(batch_center, alpha=1.0 - d.center_momentum)
         self.step += 1

@@ -39,6 +39,7 @@ ACTOR_START_TIMEOUT_S = 600
 """How long the pool may take to start all its actors (a cluster may add nodes first)."""
 EMBEDDINGS_FILE = "embeddings.parquet"
 MARKER_FILE = "extract.json"
+FBANK_MEAN = "fbank-mean"  # the checkpoint name of the untrained baseline
 
 
 # --------------------------------------------------------------------------- chunking and batching
@@ -215,7 +216,10 @@ class EmbeddingActor:
         from raysv.train.checkpoint import load_encoder
 
         self.device = _resolve_device(use_gpu)
-        self.encoder, self.meta = load_encoder(checkpoint, self.device)
+        if checkpoint == FBANK_MEAN:  # the untrained baseline: nothing to load
+            self.encoder, self.meta = None, {"sample_rate": SAMPLE_RATE}
+        else:
+            self.encoder, self.meta = load_encoder(checkpoint, self.device)
         self.sample_rate = int(self.meta.get("sample_rate", SAMPLE_RATE))
         _max_samples(max_seconds, self.sample_rate)
         self.max_seconds = float(max_seconds)
@@ -242,7 +246,13 @@ class EmbeddingActor:
             if wave.size == 0:
                 raise ValueError(f"utt_index {int(idx)}: the audio is empty")
             waves.append(resample(wave, rate, self.sample_rate))
-        emb = embed_equal_length(self.encoder, waves, self.max_seconds, self.device, sample_rate=self.sample_rate)
+        if self.encoder is None:
+            from raysv.evaluation.baseline import fbank_mean_embedding
+
+            limit = _max_samples(self.max_seconds, self.sample_rate)
+            emb = np.stack([fbank_mean_embedding(w[:limit], self.sample_rate) for w in waves])
+        else:
+            emb = embed_equal_length(self.encoder, waves, self.max_seconds, self.device, sample_rate=self.sample_rate)
         return {"utt_index": utt_index, "embedding": emb, "pid": np.full(len(utt_index), self.pid, dtype=np.int64)}
 
     def _embed_files(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -373,6 +383,9 @@ def extract_embeddings(
 ) -> dict[str, Any]:
     """Embed every utterance of a shard folder into ``out/embeddings.parquet``; ``out/extract.json`` marks completion.
 
+    ``checkpoint`` is a raysv model folder, or ``"fbank-mean"`` for the untrained
+    baseline (to compare the clustering of a trained encoder against).
+
     A pool of ``num_actors`` actors (one GPU each when the cluster has GPUs,
     otherwise 2 CPU actors) each loads the checkpoint once. Every ``utt_index``
     of the shards must come back exactly once, or nothing is marked complete.
@@ -380,8 +393,10 @@ def extract_embeddings(
     from raysv.data.shards import read_shards
     from raysv.train.checkpoint import read_model_json
 
-    checkpoint, out = Path(checkpoint), Path(out)
-    read_model_json(checkpoint)  # fails early, naming the folder, when it is not a checkpoint
+    out = Path(out)
+    if str(checkpoint) != FBANK_MEAN:
+        checkpoint = Path(checkpoint)
+        read_model_json(checkpoint)  # fails early, naming the folder, when it is not a checkpoint
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _max_samples(max_seconds, SAMPLE_RATE)

@@ -70,3 +70,21 @@ def num_classes(labels: np.ndarray) -> int:
     lab = np.asarray(labels)
     kept = lab[lab >= 0]
     return int(kept.max()) + 1 if kept.size else 0
+
+
+def speaker_labels(manifest: pa.Table) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """True-speaker labels from a shard manifest: ``(utt_index, label, speaker names)``.
+
+    For the supervised reference a pseudo-label round is compared with (fine-tuning on
+    the real speakers); utterances without a speaker are an error, not a silent drop.
+    """
+    if "speaker" not in manifest.column_names:
+        raise ValueError("the manifest has no 'speaker' column: prepare the shards with speakers to use true labels")
+    speakers = manifest.column("speaker").to_pylist()
+    idx = manifest.column("utt_index").to_numpy().astype(np.int64)
+    missing = [int(i) for i, s in zip(idx, speakers) if not s]
+    if missing:
+        raise ValueError(f"{len(missing)} utterances have no speaker (utt_index {missing[:5]}...)")
+    names = sorted(set(speakers))
+    index = {name: i for i, name in enumerate(names)}
+    return idx, np.asarray([index[s] for s in speakers], dtype=np.int32), names

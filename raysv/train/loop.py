@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import resource
 import signal
 import tempfile
 import time
@@ -106,6 +107,8 @@ def run_epochs(
         metrics.update({"epoch": epoch, "steps": steps, "epoch_seconds": seconds, "crops_per_s": crops / seconds})
         metrics["data_pids"] = ",".join(map(str, sorted(pids)))
         metrics["rows"] = int(sum(t.numel() for t in seen))
+        # Peak resident memory of this worker process so far (Linux reports KiB).
+        metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         on_epoch_end(epoch, metrics, torch.cat(seen).numpy() if seen else np.zeros(0, np.int64))
 
 
