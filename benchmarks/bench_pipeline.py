@@ -24,7 +24,9 @@ def plain_loop(shards: Path, cfg, batch: int) -> tuple[int, float]:
     from raysv.data.pipelines import augment_params, multi_crop_batch
 
     crops = cfg.dino.crops
-    views = {"global": (crops.global_count, crops.global_seconds), "local": (crops.local_count, crops.local_seconds)}
+    views = {"global": (crops.global_count, crops.global_seconds)}
+    if crops.local_count > 0:  # as dino_dataset builds them
+        views["local"] = (crops.local_count, crops.local_seconds)
     aug = augment_params(cfg.data.augment)
     start = time.perf_counter()
     batches = 0
