@@ -21,12 +21,9 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 def plain_loop(shards: Path, cfg, batch: int) -> tuple[int, float]:
     """Decode, crop and augment in this process, row group by row group."""
-    from raysv.data.pipelines import augment_params, multi_crop_batch
+    from raysv.data.pipelines import augment_params, dino_views, multi_crop_batch
 
-    crops = cfg.dino.crops
-    views = {"global": (crops.global_count, crops.global_seconds)}
-    if crops.local_count > 0:  # as dino_dataset builds them
-        views["local"] = (crops.local_count, crops.local_seconds)
+    views = dino_views(cfg)
     aug = augment_params(cfg.data.augment)
     start = time.perf_counter()
     batches = 0

@@ -9,6 +9,7 @@ never materialised: rows stream from Parquet to the workers.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -41,18 +42,7 @@ def augment_params(cfg: AugmentConfig | None) -> tuple | None:
     """A hashable description of the augmentation, so each process builds its Augmenter once."""
     if cfg is None:
         return None
-    return (
-        ("musan", cfg.musan),
-        ("rir", cfg.rir),
-        ("noise_prob", cfg.noise_prob),
-        ("reverb_prob", cfg.reverb_prob),
-        ("eq_prob", cfg.eq_prob),
-        ("eq_db", cfg.eq_db),
-        ("snr_noise", tuple(cfg.snr_noise)),
-        ("snr_music", tuple(cfg.snr_music)),
-        ("snr_babble", tuple(cfg.snr_babble)),
-        ("babble_speakers", tuple(cfg.babble_speakers)),
-    )
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in asdict(cfg).items())
 
 
 def check_augment(cfg: AugmentConfig | None) -> None:
@@ -149,15 +139,20 @@ def _read(shards: str | Path):
     return read_shards(shards, columns=["utt_index", "audio"]).randomize_block_order()
 
 
-def dino_dataset(shards: str | Path, cfg: Config, batch_rows: int = 16):
-    """Rows of ``global`` (G, Sg) and ``local`` (L, Sl) float32 crops for DINO."""
+def dino_views(cfg: Config) -> dict[str, tuple[int, float]]:
+    """DINO's named crop groups, ``{name: (count, seconds)}``; no ``local`` group when its count is 0."""
     crops = cfg.dino.crops
     views = {"global": (crops.global_count, crops.global_seconds)}
     if crops.local_count > 0:
         views["local"] = (crops.local_count, crops.local_seconds)
+    return views
+
+
+def dino_dataset(shards: str | Path, cfg: Config, batch_rows: int = 16):
+    """Rows of ``global`` (G, Sg) and ``local`` (L, Sl) float32 crops for DINO."""
     return _read(shards).map_batches(
         multi_crop_batch,
-        fn_kwargs={"views": views, "aug": augment_params(cfg.data.augment)},
+        fn_kwargs={"views": dino_views(cfg), "aug": augment_params(cfg.data.augment)},
         batch_size=batch_rows,
         batch_format="numpy",
         num_cpus=1,
