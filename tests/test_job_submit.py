@@ -130,10 +130,16 @@ def test_pipeline_job_on_a_token_protected_head(head, toy, tmp_path):
     runs = (tmp_path / "job_runs").resolve()  # outside the uploaded working directory
     overrides = tiny_overrides(toy, runs) + ["name=job", "dino.epochs=1"]
     entry = ["python", "jobs/pipeline.py", "--config", "configs/demo.yaml", *overrides, "--until", "round_0/dino"]
-    job_id = f"raysv-test-{uuid.uuid4().hex[:8]}"
     started = time.time()
-    submitted = _ray(["job", "submit", "--address", head.address, "--working-dir", str(ROOT),
-                      "--submission-id", job_id, "--", *entry], head.env, timeout=900)
+    while True:
+        # The job server answers before the node's agent has registered with it; until then a
+        # submission is refused with "No available agent" and nothing is started, so try again.
+        job_id = f"raysv-test-{uuid.uuid4().hex[:8]}"
+        submitted = _ray(["job", "submit", "--address", head.address, "--working-dir", str(ROOT),
+                          "--submission-id", job_id, "--", *entry], head.env, timeout=900)
+        if "No available agent" not in submitted.stderr + submitted.stdout or time.time() - started > 180:
+            break
+        time.sleep(5)
     seconds = time.time() - started
     status = _ray(["job", "status", "--address", head.address, job_id], head.env)
     logs = submitted.stdout[-4000:] + submitted.stderr[-2000:]
