@@ -55,6 +55,7 @@ class DataConfig:
     dev_trials: TrialList | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shuffle_buffer: int = 256
+    prefetch_batches: int = 4  # batches each training worker keeps ready ahead of its step
     sample_rate: int = 16000
 
 

@@ -30,6 +30,8 @@ from raysv.data.shards import (
     read_report,
     read_shards,
     shard_files,
+    shard_row_groups,
+    stream_shards,
 )
 
 SR = 16000
@@ -229,6 +231,21 @@ def test_read_shards_dataset(prepared: dict, corpus: dict) -> None:
     assert sorted(r["utt_index"] for r in rows) == list(range(len(corpus["kept"])))
     assert set(rows[0]) == {"utt_index", "utt_id", "audio"}
     assert decode_row(rows[0]).dtype == np.float32
+
+
+def test_stream_shards_reads_row_groups_in_a_new_order_each_epoch(prepared: dict, corpus: dict) -> None:
+    groups = shard_row_groups(prepared["out"])
+    sizes = [pq.ParquetFile(f).metadata.row_group(g).num_rows for f, g in groups]
+    assert len(groups) >= 3 and sum(sizes) == len(corpus["kept"])
+    ds = stream_shards(prepared["out"], columns=["utt_index", "audio"])
+    orders = set()
+    for _ in range(6):  # one execution per epoch
+        blocks = [b["utt_index"].tolist() for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+        assert sorted(len(b) for b in blocks) == sorted(sizes)  # a block is a row group
+        rows = [i for b in blocks for i in b]
+        assert sorted(rows) == list(range(len(corpus["kept"])))
+        orders.add(tuple(rows))
+    assert len(orders) > 1  # all six equal: probability (1/3!)^5 at worst
 
 
 def test_rerun_is_idempotent_and_byte_identical(prepared: dict, corpus: dict, tmp_path: Path) -> None:

@@ -134,9 +134,10 @@ def label_table(utt_index: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def _read(shards: str | Path):
-    from raysv.data.shards import read_shards
+    """Shard rows, a row group per block, in a new random row-group order every epoch."""
+    from raysv.data.shards import stream_shards
 
-    return read_shards(shards, columns=["utt_index", "audio"]).randomize_block_order()
+    return stream_shards(shards, columns=["utt_index", "audio"])
 
 
 def dino_views(cfg: Config) -> dict[str, tuple[int, float]]:
@@ -179,7 +180,7 @@ def supervised_dataset(
     table_ref = ray.put(table)
     return (
         _read(shards)
-        .map_batches(_attach_labels_ref, fn_kwargs={"table_ref": table_ref}, batch_size=256, batch_format="numpy")
+        .map_batches(_attach_labels_ref, fn_kwargs={"table_ref": table_ref}, batch_size=batch_rows, batch_format="numpy")
         .map_batches(
             labelled_crop_batch,
             fn_kwargs={"seconds": seconds, "aug": augment_params(cfg.data.augment), "with_clean": with_clean},

@@ -61,6 +61,8 @@ __all__ = [
     "SKIP_REASONS",
     "prepare_shards",
     "read_shards",
+    "shard_row_groups",
+    "stream_shards",
     "read_manifest",
     "read_report",
     "shard_files",
@@ -701,10 +703,49 @@ def shard_files(path: str | Path) -> list[str]:
     return [prefix + f for f in files]
 
 
+def shard_row_groups(path: str | Path) -> list[tuple[str, int]]:
+    """``(file, row group)`` of every row group of the shards, from their footers (read in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, _, prefix = _resolve(path)
+
+    def groups(uri: str) -> list[tuple[str, int]]:
+        with fs.open_input_file(uri[len(prefix):]) as f:
+            count = pq.ParquetFile(f).metadata.num_row_groups
+        return [(uri, i) for i in range(count)]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return [g for file_groups in pool.map(groups, shard_files(path)) for g in file_groups]
+
+
+def _read_row_groups(batch: dict[str, np.ndarray], columns: list[str] | None) -> pa.Table:
+    tables = []
+    for uri, group in zip(batch["file"], batch["row_group"]):
+        fs, inner, _ = _resolve(str(uri))
+        with fs.open_input_file(inner) as f:
+            tables.append(pq.ParquetFile(f).read_row_group(int(group), columns=columns))
+    return pa.concat_tables(tables)
+
+
 def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
     """The shards of a prepared folder as a Ray Dataset (manifest.parquet excluded)."""
     ds = ray.data.read_parquet(shard_files(path))
     return ds.select_columns(list(columns)) if columns is not None else ds
+
+
+def stream_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
+    """The shards for training: one block per Parquet row group, in a new random order every epoch.
+
+    Reading a whole shard file as one block would make the first crops of an epoch
+    wait until the shard's last row is cropped (a map task's output fills one block);
+    row groups (``row_group_size`` rows) let crops reach the trainers while later ones
+    are made, and give parallel readers even over few files.
+    """
+    items = [{"file": uri, "row_group": group} for uri, group in shard_row_groups(path)]
+    return ray.data.from_items(items, override_num_blocks=len(items)).randomize_block_order().map_batches(
+        _read_row_groups, fn_kwargs={"columns": list(columns) if columns else None},
+        batch_size=1, batch_format="numpy", num_cpus=1,
+    )
 
 
 def read_manifest(path: str | Path) -> pa.Table:

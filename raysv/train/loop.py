@@ -86,7 +86,14 @@ def run_epochs(
         crops = 0
         pids: set[int] = set()
         seen: list[torch.Tensor] = []
-        for batch in batches(epoch):
+        waited = 0.0  # time blocked on the input pipeline: high means data-bound, not model-bound
+        iterator = iter(batches(epoch))
+        while True:
+            asked = time.time()
+            batch = next(iterator, None)
+            waited += time.time() - asked
+            if batch is None:
+                break
             if "pid" in batch:
                 pids.update(int(p) for p in torch.unique(batch.pop("pid")).tolist())
             if "utt_index" in batch:
@@ -104,7 +111,8 @@ def run_epochs(
         seconds = time.time() - started
         metrics.update({key: value / steps for key, value in sums.items()})
         metrics.update(method.end_epoch(epoch))
-        metrics.update({"epoch": epoch, "steps": steps, "epoch_seconds": seconds, "crops_per_s": crops / seconds})
+        metrics.update({"epoch": epoch, "steps": steps, "epoch_seconds": seconds, "crops_per_s": crops / seconds,
+                        "data_wait_s": waited, "torch_threads": torch.get_num_threads()})
         metrics["data_pids"] = ",".join(map(str, sorted(pids)))
         metrics["rows"] = int(sum(t.numel() for t in seen))
         # Peak resident memory of this worker process so far (Linux reports KiB).
@@ -166,6 +174,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # The worker holds cpus_per_worker logical CPUs; let torch's intra-op pool use them
+        # (the worker process starts with one thread).
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(cfg.seed + rank)
     method.setup(device, ray.train.torch.prepare_model)
 
@@ -190,6 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch_size=per_worker,
             drop_last=True,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            prefetch_batches=cfg.data.prefetch_batches,
             device=device,
         )
 
