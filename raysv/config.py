@@ -55,6 +55,7 @@ class DataConfig:
     dev_trials: TrialList | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     shuffle_buffer: int = 256
+    mix_row_groups: int = 8  # row groups read and shuffled together per read task (shards are in speaker order)
     prefetch_batches: int = 4  # batches each training worker keeps ready ahead of its step
     sample_rate: int = 16000
 
@@ -65,7 +66,7 @@ class RayConfig:
     num_workers: int = 2
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
-    data_cpus: int = 2  # logical CPUs left to Ray Data while the trainers run
+    data_cpus: int | None = 2  # logical CPUs Ray Data may use while the trainers run (null: no limit)
     storage: str | None = None  # Ray Train storage; default <runs>/<name>/ray
     max_failures: int = 0
     num_cpus: int | None = None  # logical CPUs of a local cluster started by raysv
@@ -491,8 +492,10 @@ def validate(cfg: Config) -> None:
     if cfg.rounds.count < 0:
         raise ConfigError(f"rounds.count: must be >= 0, got {cfg.rounds.count}")
     for r, extra in cfg.rounds.overrides.items():
-        if not 1 <= r <= max(cfg.rounds.count, 1):
-            raise ConfigError(f"rounds.overrides.{r}: no such round (rounds.count is {cfg.rounds.count})")
+        # Rounds past rounds.count are kept, unused, so that a run can be shortened from the
+        # command line (rounds.count=1) without editing the config's later rounds.
+        if r < 1:
+            raise ConfigError(f"rounds.overrides.{r}: rounds are numbered from 1")
         if not isinstance(extra, dict):
             raise ConfigError(f"rounds.overrides.{r}: expected a mapping")
         try:

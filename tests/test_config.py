@@ -53,3 +53,8 @@ def test_round_overrides():
     assert round_config(cfg, 2).cluster.k1 == 300
     with pytest.raises(ConfigError, match=r"rounds\.overrides\.2: cluster\.k3: unknown key"):
         load_config(None, ["rounds.count=2", "rounds.overrides={2: {cluster: {k3: 1}}}"])
+    with pytest.raises(ConfigError, match=r"rounds\.overrides\.0: rounds are numbered from 1"):
+        load_config(None, ["rounds.overrides={0: {cluster: {k1: 3}}}"])
+    # A later round's settings stay in the config when a run is shortened from the command line.
+    short = load_config(None, ["rounds.count=1", "rounds.overrides={2: {cluster: {k1: 300}}}"])
+    assert round_config(short, 2).cluster.k1 == 300

@@ -167,7 +167,7 @@ def test_verify_ranks_and_decides(toy, tmp_path):
 
     quick = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(toy, tmp_path) + [
         "finetune.epochs=12", "finetune.loss_gate.enabled=false", "finetune.label_correction.enabled=false",
-        "finetune.lr.head=0.005", "finetune.loss.margin=0.1"])
+        "finetune.lr.head=0.005", "finetune.lr.backbone=1.0e-4", "finetune.loss.margin=0.1"])
     checkpoint = _true_label_model(toy, tmp_path, quick)
     evaluate_checkpoint(quick, checkpoint)  # stores the dev-list threshold in model.json
     model = load_model(checkpoint)

@@ -233,19 +233,26 @@ def test_read_shards_dataset(prepared: dict, corpus: dict) -> None:
     assert decode_row(rows[0]).dtype == np.float32
 
 
-def test_stream_shards_reads_row_groups_in_a_new_order_each_epoch(prepared: dict, corpus: dict) -> None:
+def test_stream_shards_mixes_row_groups_in_a_new_order_each_epoch(prepared: dict, corpus: dict) -> None:
     groups = shard_row_groups(prepared["out"])
-    sizes = [pq.ParquetFile(f).metadata.row_group(g).num_rows for f, g in groups]
-    assert len(groups) >= 3 and sum(sizes) == len(corpus["kept"])
-    ds = stream_shards(prepared["out"], columns=["utt_index", "audio"])
-    orders = set()
+    group_of = {}
+    for g, (f, i) in enumerate(groups):
+        for u in pq.ParquetFile(f).read_row_group(i, columns=["utt_index"]).column("utt_index").to_pylist():
+            group_of[u] = g
+    n = len(corpus["kept"])
+    assert len(groups) >= 3 and sorted(group_of) == list(range(n))
+    ds = stream_shards(prepared["out"], columns=["utt_index", "audio"], mix_row_groups=len(groups), block_rows=2)
+    orders, mixed = set(), False
     for _ in range(6):  # one execution per epoch
         blocks = [b["utt_index"].tolist() for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
-        assert sorted(len(b) for b in blocks) == sorted(sizes)  # a block is a row group
+        assert max(len(b) for b in blocks) == 2
         rows = [i for b in blocks for i in b]
-        assert sorted(rows) == list(range(len(corpus["kept"])))
+        assert sorted(rows) == list(range(n))  # every row once
         orders.add(tuple(rows))
-    assert len(orders) > 1  # all six equal: probability (1/3!)^5 at worst
+        mixed |= any(len({group_of[u] for u in b}) > 1 for b in blocks)
+    assert len(orders) > 1 and mixed  # both fail together with probability far below 1e-6
+    with pytest.raises(ValueError, match="mix_row_groups"):
+        stream_shards(prepared["out"], mix_row_groups=0)
 
 
 def test_rerun_is_idempotent_and_byte_identical(prepared: dict, corpus: dict, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def _run_overrides(toy, runs) -> list[str]:
     # reliably better than the bad one after one epoch.
     return tiny_overrides(toy, runs) + [
         "name=swept", "dino.epochs=1", "eval.crops=0", f"finetune.epochs={EPOCHS}",
-        "finetune.model.ecapa_init=scratch", "finetune.lr.head=1.0e-4",
+        "finetune.model.ecapa_init=scratch", "finetune.lr.head=1.0e-4", "finetune.lr.backbone=1.0e-4",
     ]
 
 

@@ -133,11 +133,13 @@ def label_table(utt_index: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return table
 
 
-def _read(shards: str | Path):
-    """Shard rows, a row group per block, in a new random row-group order every epoch."""
+def _read(shards: str | Path, cfg: Config, batch_rows: int):
+    """Shard rows, mixed across row groups, in a new random order every epoch."""
     from raysv.data.shards import stream_shards
 
-    return stream_shards(shards, columns=["utt_index", "audio"])
+    return stream_shards(
+        shards, columns=["utt_index", "audio"], mix_row_groups=cfg.data.mix_row_groups, block_rows=batch_rows
+    )
 
 
 def dino_views(cfg: Config) -> dict[str, tuple[int, float]]:
@@ -151,7 +153,7 @@ def dino_views(cfg: Config) -> dict[str, tuple[int, float]]:
 
 def dino_dataset(shards: str | Path, cfg: Config, batch_rows: int = 16):
     """Rows of ``global`` (G, Sg) and ``local`` (L, Sl) float32 crops for DINO."""
-    return _read(shards).map_batches(
+    return _read(shards, cfg, batch_rows).map_batches(
         multi_crop_batch,
         fn_kwargs={"views": dino_views(cfg), "aug": augment_params(cfg.data.augment)},
         batch_size=batch_rows,
@@ -162,7 +164,7 @@ def dino_dataset(shards: str | Path, cfg: Config, batch_rows: int = 16):
 
 def contrastive_dataset(shards: str | Path, cfg: Config, views: int, seconds: float, batch_rows: int = 16):
     """Rows of ``views`` (V, S) independently cropped and augmented views per utterance."""
-    return _read(shards).map_batches(
+    return _read(shards, cfg, batch_rows).map_batches(
         multi_crop_batch,
         fn_kwargs={"views": {"views": (views, seconds)}, "aug": augment_params(cfg.data.augment)},
         batch_size=batch_rows,
@@ -179,7 +181,7 @@ def supervised_dataset(
 
     table_ref = ray.put(table)
     return (
-        _read(shards)
+        _read(shards, cfg, batch_rows)
         .map_batches(_attach_labels_ref, fn_kwargs={"table_ref": table_ref}, batch_size=batch_rows, batch_format="numpy")
         .map_batches(
             labelled_crop_batch,

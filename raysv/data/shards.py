@@ -718,13 +718,17 @@ def shard_row_groups(path: str | Path) -> list[tuple[str, int]]:
         return [g for file_groups in pool.map(groups, shard_files(path)) for g in file_groups]
 
 
-def _read_row_groups(batch: dict[str, np.ndarray], columns: list[str] | None) -> pa.Table:
+def _read_row_groups(batch: dict[str, np.ndarray], columns: list[str] | None, shuffle: bool) -> pa.Table:
+    """The rows of the batch's row groups, in a random order when ``shuffle``."""
     tables = []
     for uri, group in zip(batch["file"], batch["row_group"]):
         fs, inner, _ = _resolve(str(uri))
         with fs.open_input_file(inner) as f:
             tables.append(pq.ParquetFile(f).read_row_group(int(group), columns=columns))
-    return pa.concat_tables(tables)
+    table = pa.concat_tables(tables)
+    if shuffle:
+        table = table.take(np.random.default_rng().permutation(table.num_rows))
+    return table
 
 
 def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
@@ -733,19 +737,26 @@ def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.
     return ds.select_columns(list(columns)) if columns is not None else ds
 
 
-def stream_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
-    """The shards for training: one block per Parquet row group, in a new random order every epoch.
+def stream_shards(
+    path: str | Path, columns: list[str] | None = None, *, mix_row_groups: int = 8, block_rows: int = 16
+) -> ray.data.Dataset:
+    """The shards for training, in a new random order every epoch (every execution).
 
-    Reading a whole shard file as one block would make the first crops of an epoch
-    wait until the shard's last row is cropped (a map task's output fills one block);
-    row groups (``row_group_size`` rows) let crops reach the trainers while later ones
-    are made, and give parallel readers even over few files.
+    Shards are written in speaker order, so a plain read gives batches of a few
+    speakers. Each read task takes ``mix_row_groups`` row groups drawn at random (the
+    row-group order is shuffled per epoch) and shuffles their rows together; the rows
+    then flow on in blocks of ``block_rows``, so the first crops of an epoch do not
+    wait for whole files to be cropped. The trainers' local shuffle buffer mixes further.
     """
+    if mix_row_groups < 1 or block_rows < 1:
+        raise ValueError(f"mix_row_groups and block_rows must be >= 1, got {mix_row_groups}, {block_rows}")
     items = [{"file": uri, "row_group": group} for uri, group in shard_row_groups(path)]
-    return ray.data.from_items(items, override_num_blocks=len(items)).randomize_block_order().map_batches(
-        _read_row_groups, fn_kwargs={"columns": list(columns) if columns else None},
-        batch_size=1, batch_format="numpy", num_cpus=1,
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).randomize_block_order()
+    ds = ds.map_batches(
+        _read_row_groups, fn_kwargs={"columns": list(columns) if columns else None, "shuffle": True},
+        batch_size=mix_row_groups, batch_format="numpy", num_cpus=1,
     )
+    return ds.repartition(target_num_rows_per_block=block_rows)
 
 
 def read_manifest(path: str | Path) -> pa.Table:

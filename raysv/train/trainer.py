@@ -25,7 +25,7 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, configure_logging=False)
         return
-    need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + cfg.ray.data_cpus + 1
+    need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + (cfg.ray.data_cpus or 2) + 1
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, need)
     ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=True)
 
@@ -45,6 +45,20 @@ def storage_path(cfg: Config) -> str:
     if cfg.ray.storage:
         return cfg.ray.storage if "://" in cfg.ray.storage else str(Path(cfg.ray.storage).resolve())
     return str((cfg.run_dir / "ray").resolve())
+
+
+def _data_config(cfg: Config) -> Any:
+    """Ray Train's ingest options, with Ray Data held to ``ray.data_cpus`` logical CPUs.
+
+    Unbounded, the crop tasks take every free logical CPU and, where logical CPUs
+    outnumber cores, preempt the training threads they are feeding.
+    """
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    if cfg.ray.data_cpus:
+        options.resource_limits = options.resource_limits.copy(cpu=float(cfg.ray.data_cpus))
+    return ray.train.DataConfig(execution_options=options)
 
 
 def fit(
@@ -95,6 +109,7 @@ def fit(
             callbacks=callbacks,
         ),
         datasets={"train": dataset},
+        dataset_config=_data_config(cfg),
     )
     result = trainer.fit()
     if result.checkpoint is None:
