@@ -56,5 +56,5 @@ def test_round_overrides():
     with pytest.raises(ConfigError, match=r"rounds\.overrides\.0: rounds are numbered from 1"):
         load_config(None, ["rounds.overrides={0: {cluster: {k1: 3}}}"])
     # A later round's settings stay in the config when a run is shortened from the command line.
-    short = load_config(None, ["rounds.count=1", "rounds.overrides={2: {cluster: {k1: 300}}}"])
-    assert round_config(short, 2).cluster.k1 == 300
+    short = load_config(None, ["rounds.count=1", "rounds.overrides={2: {cluster: {k1: 30000}}}"])
+    assert round_config(short, 2).cluster.k1 == 30000
