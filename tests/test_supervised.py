@@ -340,6 +340,23 @@ def test_l2sp_zero_at_start_and_grows(tmp_path):
     assert float(pulled.l2sp().detach()) < 0.5 * float(free.l2sp().detach())
 
 
+def test_classifier_carried_over_only_to_the_large_margin_stage(corpus, noisy_run, tmp_path):
+    from raysv.train.checkpoint import save_training_state
+
+    source = noisy_run["method"]
+    save_training_state(tmp_path, {"method": source.state_dict()})
+    trained = source.model.classifier.weight.detach()
+
+    def classifier_after_setup(large_margin: bool) -> torch.Tensor:
+        method = ToyMethod(toy_config(), noisy_run["folder"], corpus.stats)
+        method.init, method.large_margin = str(tmp_path), large_margin
+        method.setup(torch.device("cpu"), lambda m: m)
+        return method.model.classifier.weight.detach()
+
+    assert torch.equal(classifier_after_setup(True), trained)  # same labels: continue
+    assert not torch.allclose(classifier_after_setup(False), trained)  # a new round's labels: start afresh
+
+
 def test_resume_keeps_labels_optimizer_and_next_step(corpus, noisy_run, tmp_path):
     method, noisy = noisy_run["method"], noisy_run["noisy"]
     state = method.state_dict()

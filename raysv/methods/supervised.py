@@ -127,7 +127,9 @@ class SupervisedMethod(Method):
         torch.manual_seed(self.cfg.seed)
         encoder = self.build_encoder()
         classifier = AAMSoftmax(encoder.embed_dim, self.num_classes, self.margin, self.cfg.finetune.loss.scale)
-        if self.init:
+        if self.init and self.large_margin:
+            # Only the large-margin stage keeps its source's labels; a new round's cluster
+            # ids are unrelated to the previous round's, so its classifier starts afresh.
             self._load_init_classifier(classifier)
         self.device = device
         self.model = wrap(EncoderWithClassifier(encoder, classifier))
