@@ -66,5 +66,6 @@ def tiny_overrides(toy, runs) -> list[str]:
         "eval.crop_seconds=1.0",
         "extract.num_actors=1",
         "ray.num_workers=1",
+        "ray.cpus_per_worker=1",  # the 2-worker and sweep tests share the session's 8 logical CPUs
         "data.shuffle_buffer=8",
     ]
