@@ -718,17 +718,15 @@ def shard_row_groups(path: str | Path) -> list[tuple[str, int]]:
         return [g for file_groups in pool.map(groups, shard_files(path)) for g in file_groups]
 
 
-def _read_row_groups(batch: dict[str, np.ndarray], columns: list[str] | None, shuffle: bool) -> pa.Table:
-    """The rows of the batch's row groups, in a random order when ``shuffle``."""
+def _read_row_groups(batch: dict[str, np.ndarray], columns: list[str] | None) -> pa.Table:
+    """The rows of the batch's row groups, shuffled together."""
     tables = []
     for uri, group in zip(batch["file"], batch["row_group"]):
         fs, inner, _ = _resolve(str(uri))
         with fs.open_input_file(inner) as f:
             tables.append(pq.ParquetFile(f).read_row_group(int(group), columns=columns))
     table = pa.concat_tables(tables)
-    if shuffle:
-        table = table.take(np.random.default_rng().permutation(table.num_rows))
-    return table
+    return table.take(np.random.default_rng().permutation(table.num_rows))
 
 
 def read_shards(path: str | Path, columns: list[str] | None = None) -> ray.data.Dataset:
@@ -753,7 +751,7 @@ def stream_shards(
     items = [{"file": uri, "row_group": group} for uri, group in shard_row_groups(path)]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).randomize_block_order()
     ds = ds.map_batches(
-        _read_row_groups, fn_kwargs={"columns": list(columns) if columns else None, "shuffle": True},
+        _read_row_groups, fn_kwargs={"columns": list(columns) if columns else None},
         batch_size=mix_row_groups, batch_format="numpy", num_cpus=1,
     )
     return ds.repartition(target_num_rows_per_block=block_rows)
