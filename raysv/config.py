@@ -157,6 +157,9 @@ class LrConfig:
     head: float = 5e-3
     decay: float = 0.95  # multiplied in every epoch
     weight_decay: float = 1e-4
+    # Fine-tuning: the backbone's rate ramps up linearly from 0 over this many epochs, so the
+    # new (random) classifier settles before its gradients reach the pre-trained encoder.
+    backbone_warmup_epochs: float = 0.0
 
 
 @dataclass
@@ -475,6 +478,10 @@ def validate(cfg: Config) -> None:
     _positive("finetune.epochs", cfg.finetune.epochs)
     _positive("finetune.batch_size", cfg.finetune.batch_size)
     _positive("finetune.crop_seconds", cfg.finetune.crop_seconds)
+    if cfg.finetune.lr.backbone_warmup_epochs < 0:
+        raise ConfigError(
+            f"finetune.lr.backbone_warmup_epochs: must be >= 0, got {cfg.finetune.lr.backbone_warmup_epochs}"
+        )
     _positive("cluster.k1", cfg.cluster.k1)
     _positive("cluster.k2", cfg.cluster.k2)
     if cfg.cluster.k2 is not None and cfg.cluster.k2 >= cfg.cluster.k1:

@@ -400,3 +400,42 @@ def test_resume_keeps_labels_optimizer_and_next_step(corpus, noisy_run, tmp_path
     fresh.setup(torch.device("cpu"), lambda m: m)
     fresh.start_epoch(epoch)
     assert fresh.train_step(dict(batches[0]))["loss"] != pytest.approx(losses[0], rel=1e-3)
+
+
+def test_ecapa_from_a_checkpoint_is_the_backbone_and_warms_up(tmp_path):
+    """A round ECAPA started from DINO trains at the backbone rate, ramped up; from scratch at the head rate."""
+    from raysv.models.ecapa import ECAPAEncoder
+    from raysv.train.checkpoint import save_model
+
+    encoder = ECAPAEncoder(channels=16, mfa_channels=48, embed_dim=8, n_mels=20)
+    save_model(tmp_path / "dino", encoder)
+    write_labels(tmp_path / "labels", np.arange(4), np.array([0, 1, 0, 1], dtype=np.int32))
+    cfg = Config()
+    cfg.finetune.model.kind = "ecapa"
+    cfg.finetune.lr.backbone, cfg.finetune.lr.head, cfg.finetune.lr.decay = 1e-3, 1e-2, 0.5
+    cfg.finetune.lr.backbone_warmup_epochs = 2.0
+    batch = {"wave": torch.randn(4, 8000), "utt_index": torch.arange(4)}
+
+    pretrained = SupervisedMethod(cfg, steps_per_epoch=4, labels=str(tmp_path / "labels"), init=str(tmp_path / "dino"))
+    pretrained.setup(torch.device("cpu"), lambda m: m)
+    names = {id(p) for p in pretrained.encoder().parameters()}
+    assert {id(p) for p in pretrained.backbone_params} == names
+    assert all(id(p) not in names for p in pretrained.optimizer.param_groups[1]["params"])
+    before = [p.detach().clone() for p in pretrained.backbone_params]
+    rates = []
+    for epoch in range(3):
+        pretrained.start_epoch(epoch)
+        for _ in range(4):
+            pretrained.train_step(batch)
+            rates.append([g["lr"] for g in pretrained.optimizer.param_groups])
+    backbone, head = np.array(rates).T
+    # Step s of 4 per epoch: ramp s/8 over 2 epochs, then the per-epoch decay; the head only decays.
+    expected = [1e-3 * 0.5 ** (s // 4) * min(1.0, s / 8) for s in range(12)]
+    assert backbone == pytest.approx(expected)
+    assert head == pytest.approx([1e-2 * 0.5 ** (s // 4) for s in range(12)])
+    # The first step ran at rate 0: the encoder moved only from the second step on.
+    assert any(not torch.equal(a, b) for a, b in zip(before, pretrained.backbone_params))
+
+    scratch = SupervisedMethod(cfg, steps_per_epoch=4, labels=str(tmp_path / "labels"))
+    scratch.setup(torch.device("cpu"), lambda m: m)
+    assert scratch.backbone_params == []

@@ -176,7 +176,7 @@ class SimclrMethod(Method):
         self.device = device
         self.model = wrap(EncoderWithProjector(encoder, projector))
         bare = unwrap(self.model)
-        backbone, head = split_parameters(bare, bare.encoder)
+        backbone, head = split_parameters(bare, bare.encoder, from_checkpoint=self.init is not None)
         self.base_lrs = [s.lr.backbone, s.lr.head]
         self.optimizer = torch.optim.AdamW(
             [{"params": backbone, "lr": s.lr.backbone}, {"params": head, "lr": s.lr.head}],

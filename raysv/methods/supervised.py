@@ -134,7 +134,7 @@ class SupervisedMethod(Method):
         self.device = device
         self.model = wrap(EncoderWithClassifier(encoder, classifier))
         bare = unwrap(self.model)
-        backbone_params, head_params = split_parameters(bare, bare.encoder)
+        backbone_params, head_params = split_parameters(bare, bare.encoder, from_checkpoint=self.init is not None)
         scale = self.cfg.lmft.lr_scale if self.large_margin else 1.0
         self.base_lrs = [f.lr.backbone * scale, f.lr.head * scale]
         self.optimizer = torch.optim.AdamW(
@@ -165,6 +165,12 @@ class SupervisedMethod(Method):
             total = total + (p - p0).pow(2).sum()
         return total
 
+    def backbone_lr(self, progress: float) -> float:
+        """Backbone rate at ``progress`` epochs: per-epoch decay times the linear warm-up ramp."""
+        warmup = 0.0 if self.large_margin else self.cfg.finetune.lr.backbone_warmup_epochs
+        ramp = min(1.0, progress / warmup) if warmup > 0 else 1.0
+        return self.base_lrs[0] * self.cfg.finetune.lr.decay ** int(progress) * ramp
+
     def start_epoch(self, epoch: int) -> dict[str, float]:
         self.epoch = epoch
         self.step_in_epoch = 0
@@ -194,7 +200,9 @@ class SupervisedMethod(Method):
         lc = f.label_correction
         if lc.enabled and self.epoch >= lc.start_epoch and bool((~keep).any()) and "clean" in batch:
             labels, keep = self._correct(batch["clean"], idx, labels, keep)
-        margin = margin_at(self.epoch + self.step_in_epoch / self.steps_per_epoch, self.margin, self.warmup)
+        progress = self.epoch + self.step_in_epoch / self.steps_per_epoch
+        margin = margin_at(progress, self.margin, self.warmup)
+        self.optimizer.param_groups[0]["lr"] = self.backbone_lr(progress)
         with autocast(self.device):
             losses, logits = self.model(batch["wave"], labels, margin)
         losses = losses.float()

@@ -42,20 +42,25 @@ def build_round_encoder(cfg: Config, pretrained: str | None = None, init: str | 
     return ECAPAEncoder(**asdict(m.ecapa))
 
 
-def backbone_parameters(encoder: nn.Module) -> list[nn.Parameter]:
-    """The pre-trained part (WavLM's transformer) gets its own small learning rate and the L2-SP pull.
+def backbone_parameters(encoder: nn.Module, from_checkpoint: bool = False) -> list[nn.Parameter]:
+    """The pre-trained part, which gets its own small learning rate and the L2-SP pull.
 
-    An ECAPA round model has no pre-trained backbone in this sense: all of it is trained at
-    the back-end rate.
+    WavLM's transformer; or a whole ECAPA-TDNN started from a checkpoint (the DINO encoder,
+    a previous round), whose every layer is pre-trained. An ECAPA from scratch has none:
+    all of it trains at the back-end rate.
     """
     backbone = getattr(encoder, "backbone", None)
+    if backbone is None:
+        backbone = encoder if from_checkpoint else None
     if backbone is None:
         return []
     return [p for p in backbone.parameters() if p.requires_grad]
 
 
-def split_parameters(model: nn.Module, encoder: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def split_parameters(
+    model: nn.Module, encoder: nn.Module, from_checkpoint: bool = False
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(pre-trained backbone, everything else trainable) of ``model``, for two learning rates."""
-    backbone = backbone_parameters(encoder)
+    backbone = backbone_parameters(encoder, from_checkpoint)
     ids = {id(p) for p in backbone}
     return backbone, [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
