@@ -94,6 +94,23 @@ def test_fbank_mean_matches_direct_computation(corpus, tmp_path):
     assert f"EER {100 * eer:.2f}%" in line and "minDCF(0.01)" in line
 
 
+def test_given_embeddings_are_scored_and_must_cover_the_list(corpus):
+    root, trials, rows = corpus
+    scores, labels = _direct_fbank_scores(root, rows)
+    utts = {u for _, e, t in rows for u in (e, t)}
+    given = {}
+    for utt in utts:
+        wave, _ = sf.read(root / utt, dtype="float32")
+        given[utt] = fbank_mean_embedding(wave, SR)
+    result = evaluate_trials(trials, root, embeddings=given)
+    assert result["eer"] == pytest.approx(compute_eer(scores, labels), abs=1e-6)
+    missing = sorted(utts)[0]
+    del given[missing]
+    with pytest.raises(ValueError, match="no embedding") as err:
+        evaluate_trials(trials, root, embeddings=given)
+    assert missing in str(err.value)
+
+
 def test_missing_trial_files_are_named(corpus, tmp_path):
     root, _, rows = corpus
     trials = tmp_path / "trials.txt"

@@ -169,7 +169,17 @@ def test_verify_ranks_and_decides(toy, tmp_path):
         "finetune.epochs=12", "finetune.loss_gate.enabled=false", "finetune.label_correction.enabled=false",
         "finetune.lr.head=0.005", "finetune.lr.backbone=1.0e-4", "finetune.loss.margin=0.1"])
     checkpoint = _true_label_model(toy, tmp_path, quick)
-    evaluate_checkpoint(quick, checkpoint)  # stores the dev-list threshold in model.json
+    results = evaluate_checkpoint(quick, checkpoint)  # stores the dev-list threshold in model.json
+    # One embedding pass serves every list: the same figures as a list embedded on its own.
+    from raysv.evaluation.evaluate import evaluate_trials
+
+    name, trial_list = next(iter(quick.data.trials.items()))
+    alone = evaluate_trials(trial_list.path, trial_list.audio_root, checkpoint=checkpoint, crops=quick.eval.crops,
+                            crop_seconds=quick.eval.crop_seconds, max_seconds=quick.eval.max_seconds,
+                            seed=quick.eval.seed)
+    assert set(results) == {"dev", name}
+    assert results[name]["eer"] == pytest.approx(alone["eer"], abs=1e-6)
+    assert results[name]["min_dcf_0.01"] == pytest.approx(alone["min_dcf_0.01"], abs=1e-6)
     model = load_model(checkpoint)
     assert model.threshold is not None
     trials = read_trials(toy.test / "trials.txt")

@@ -719,12 +719,20 @@ def shard_row_groups(path: str | Path) -> list[tuple[str, int]]:
 
 
 def _read_row_groups(batch: dict[str, np.ndarray], columns: list[str] | None) -> pa.Table:
-    """The rows of the batch's row groups, shuffled together."""
-    tables = []
+    """The rows of the batch's row groups, shuffled together.
+
+    Each file is opened once per task (one file-system lookup and footer read), however
+    many of its row groups the task holds.
+    """
+    groups: dict[str, list[int]] = {}
     for uri, group in zip(batch["file"], batch["row_group"]):
-        fs, inner, _ = _resolve(str(uri))
+        groups.setdefault(str(uri), []).append(int(group))
+    tables = []
+    for uri, wanted in groups.items():
+        fs, inner, _ = _resolve(uri)
         with fs.open_input_file(inner) as f:
-            tables.append(pq.ParquetFile(f).read_row_group(int(group), columns=columns))
+            parquet = pq.ParquetFile(f)
+            tables.extend(parquet.read_row_group(g, columns=columns) for g in wanted)
     table = pa.concat_tables(tables)
     return table.take(np.random.default_rng().permutation(table.num_rows))
 

@@ -60,6 +60,7 @@ def evaluate_trials(
     seed: int = 0,
     plots_dir: str | Path | None = None,
     threshold: float | None = None,
+    embeddings: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """EER, minDCF (p 0.01, 0.05), the EER threshold and the trial count of one trial list.
 
@@ -68,6 +69,7 @@ def evaluate_trials(
     cosine, AS-normalised against ``cohort`` embeddings (top ``top_n``) when a cohort
     is given. With ``threshold`` the accuracy of accepting ``score >= threshold`` is
     added; with ``plots_dir`` ``det.png``, ``scores.png`` and ``scores.txt`` are written.
+    ``embeddings`` (per utterance of the list) skips embedding: several lists embedded at once.
     """
     if checkpoint is not None:
         embedder = "checkpoint"
@@ -83,7 +85,11 @@ def evaluate_trials(
     files = resolve_trial_audio(trial_list, audio_root)
 
     start = time.perf_counter()
-    if embedder == "fbank-mean":
+    if embeddings is not None:
+        missing = sorted(set(files) - set(embeddings))
+        if missing:
+            raise ValueError(f"{len(missing)} utterance(s) of {trials} have no embedding, e.g. {missing[0]}")
+    elif embedder == "fbank-mean":
         embeddings = _fbank_mean_embeddings(files, crops, crop_seconds, seed)
     else:
         from raysv.pseudo.extract import embed_files
