@@ -16,7 +16,7 @@ import pytest
 
 from conftest import tiny_overrides
 from raysv.config import load_config
-from raysv.pipeline import ConfigChanged, plan, run_pipeline
+from raysv.pipeline import ConfigChanged, finetune_init, plan, run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -201,3 +201,18 @@ def test_verify_ranks_and_decides(toy, tmp_path):
     score = model.score(wav / trials.enroll[tar[0]], wav / trials.test[tar[0]])
     assert f"score {score:.4f}" in out
     assert ("same speaker" in out) == (score >= model.threshold)
+
+
+def test_each_round_fine_tunes_from_its_configured_start(tmp_path):
+    def starts(*overrides: str) -> list:
+        cfg = load_config(ROOT / "configs" / "demo.yaml", [f"runs={tmp_path}", "rounds.count=3", *overrides])
+        return [finetune_init(cfg, r) for r in (1, 2, 3)]
+
+    run = tmp_path / "demo"
+    dino = run / "round_0" / "dino" / "model"
+    assert starts() == [dino, dino, dino]  # every round restarts from the DINO encoder
+    assert starts("finetune.init=previous") == [
+        dino, run / "round_1" / "finetune" / "model", run / "round_2" / "finetune" / "model"]
+    assert starts("rounds.overrides={3: {finetune: {init: previous}}}") == [
+        dino, dino, run / "round_2" / "finetune" / "model"]
+    assert starts("finetune.model.ecapa_init=scratch") == [None, None, None]
