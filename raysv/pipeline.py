@@ -212,18 +212,18 @@ def _model_dir(cfg: Config, stage_id: str) -> Path:
     return cfg.run_dir / stage_id / "model"
 
 
-def finetune_init(cfg: Config, round_index: int) -> Path | None:
+def finetune_init(rcfg: Config, round_index: int) -> Path | None:
     """The checkpoint round ``round_index`` fine-tunes from; None: the pre-trained WavLM (or a fresh ECAPA).
 
-    ``finetune.init: previous`` continues from the previous round's model (from round 2 on);
-    otherwise every round restarts from the round model's initial weights, which for an
-    ECAPA with ``ecapa_init: dino`` is the DINO encoder.
+    ``rcfg`` is the round's config (``round_config``). ``finetune.init: previous`` continues
+    from the previous round's model (from round 2 on); otherwise every round restarts from
+    the round model's initial weights, which for an ECAPA with ``ecapa_init: dino`` is the
+    DINO encoder. Sweeps start their trials from the same checkpoint.
     """
-    rcfg = round_config(cfg, round_index)
     if rcfg.finetune.init == "previous" and round_index > 1:
-        return _model_dir(cfg, f"round_{round_index - 1}/finetune")
+        return _model_dir(rcfg, f"round_{round_index - 1}/finetune")
     if rcfg.finetune.model.kind == "ecapa" and rcfg.finetune.model.ecapa_init == "dino":
-        return _model_dir(cfg, "round_0/dino")
+        return _model_dir(rcfg, "round_0/dino")
     return None
 
 
@@ -248,7 +248,7 @@ def _run_stage(cfg: Config, stage: Stage, state: RunState, tracker, parent: str,
         st.train_simclr(cfg, folder / "model", **train_kw)
     elif stage.kind == "finetune":
         labels = cfg.run_dir / f"round_{stage.round - 1}" / "cluster" / "labels.parquet"
-        st.finetune(rcfg, labels, folder / "model", init=finetune_init(cfg, stage.round), **train_kw)
+        st.finetune(rcfg, labels, folder / "model", init=finetune_init(rcfg, stage.round), **train_kw)
     elif stage.kind == "lmft":
         source = _model_dir(cfg, f"round_{stage.round}/finetune")
         st.finetune(rcfg, source / "labels.parquet", folder / "model", init=source, large_margin=True, **train_kw)

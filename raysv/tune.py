@@ -202,16 +202,6 @@ def trial_config(base: dict[str, Any], round_index: int, params: dict[str, Any])
     return config_from_dict(deep_merge(cfg.to_dict(), nested({k: _plain(v) for k, v in params.items()})))
 
 
-def init_model(cfg: Config, round_index: int) -> Path | None:
-    """The checkpoint round ``round_index``'s fine-tune starts from, as the pipeline chooses it."""
-    m = cfg.finetune.model
-    if cfg.finetune.init == "previous" and round_index > 1:
-        return cfg.run_dir / f"round_{round_index - 1}" / "finetune" / "model"
-    if m.kind == "ecapa" and m.ecapa_init == "dino":
-        return cfg.run_dir / "round_0" / "dino" / "model"
-    return None
-
-
 def _trial_tags(ctx: dict[str, Any], trial_id: str) -> dict[str, str]:
     return {"raysv.run": ctx["run"], "raysv.sweep": ctx["name"], "raysv.trial": trial_id}
 
@@ -223,6 +213,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raysv import stages
+    from raysv.pipeline import finetune_init
     from raysv.tracking import Tracker
     from raysv.train.checkpoint import load_training_state
 
@@ -246,7 +237,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             cfg,
             folder / "cluster" / "labels.parquet",
             folder / "model",
-            init=init_model(cfg, r),
+            init=finetune_init(cfg, r),
             run_name=f"{ctx['run']}-sweep-{ctx['name']}-{trial_id}",
             mlflow={"tracking_uri": tracker.uri, "run_id": child},
             dev_eval=ctx["dev"],

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_overrides
-from raysv.config import load_config
+from raysv.config import load_config, round_config
 from raysv.pipeline import ConfigChanged, finetune_init, plan, run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,7 +206,7 @@ def test_verify_ranks_and_decides(toy, tmp_path):
 def test_each_round_fine_tunes_from_its_configured_start(tmp_path):
     def starts(*overrides: str) -> list:
         cfg = load_config(ROOT / "configs" / "demo.yaml", [f"runs={tmp_path}", "rounds.count=3", *overrides])
-        return [finetune_init(cfg, r) for r in (1, 2, 3)]
+        return [finetune_init(round_config(cfg, r), r) for r in (1, 2, 3)]
 
     run = tmp_path / "demo"
     dino = run / "round_0" / "dino" / "model"
