@@ -50,8 +50,8 @@ def backbone_parameters(encoder: nn.Module, from_checkpoint: bool = False) -> li
     all of it trains at the back-end rate.
     """
     backbone = getattr(encoder, "backbone", None)
-    if backbone is None:
-        backbone = encoder if from_checkpoint else None
+    if backbone is None and from_checkpoint:
+        backbone = encoder
     if backbone is None:
         return []
     return [p for p in backbone.parameters() if p.requires_grad]
