@@ -105,6 +105,14 @@ class SgdConfig:
 
 
 @dataclass
+class DiversityConfig:
+    """Weights of the regularisers on the student's embeddings against dimensional collapse (0: off)."""
+
+    variance: float = 0.0  # hinge on each dimension's batch standard deviation (below 1)
+    covariance: float = 0.0  # squared off-diagonal covariances: redundant dimensions
+
+
+@dataclass
 class DinoConfig:
     encoder: EcapaConfig = field(default_factory=EcapaConfig)
     crops: CropConfig = field(default_factory=CropConfig)
@@ -118,6 +126,7 @@ class DinoConfig:
     teacher_momentum: float = 0.996
     freeze_last_layer_epochs: int = 1
     clip_grad: float = 3.0
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
 
 
 @dataclass
@@ -494,6 +503,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"simclr.views: a contrastive loss needs at least 2 views per utterance, got {cfg.simclr.views}")
     if cfg.simclr.batch_size < 2:
         raise ConfigError(f"simclr.batch_size: needs at least 2 utterances per batch for negatives, got {cfg.simclr.batch_size}")
+    for name in ("variance", "covariance"):
+        if getattr(cfg.dino.diversity, name) < 0:
+            raise ConfigError(f"dino.diversity.{name}: must be >= 0, got {getattr(cfg.dino.diversity, name)}")
     if cfg.dino.crops.global_count < 2:
         raise ConfigError("dino.crops.global_count: DINO needs at least 2 global crops")
     if cfg.rounds.count < 0:

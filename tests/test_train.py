@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_overrides
 from raysv.config import load_config
 from raysv.data.pipelines import multi_crop_batch
-from raysv.methods.dino import DinoMethod, dino_loss
+from raysv.methods.dino import DinoMethod, dino_loss, diversity_terms
 from raysv.train.checkpoint import load_encoder, load_training_state
 from raysv.train.loop import run_epochs
 
@@ -35,6 +35,39 @@ def test_dino_loss_matches_direct_computation():
                 expected += (-(t * torch.log_softmax(student[v] / 0.1, dim=-1)).sum(-1)).mean()
                 pairs += 1
     assert dino_loss(student, teacher, center, 0.1, 0.04) == pytest.approx(float(expected / pairs), rel=1e-6)
+
+
+def test_diversity_terms_match_numpy():
+    rng = np.random.default_rng(0)
+    views = [rng.normal(size=(16, 6)) * rng.uniform(0.2, 2.0, size=6) for _ in range(2)]
+    expected_var, expected_cov = 0.0, 0.0
+    for z in views:
+        std = np.sqrt(z.var(axis=0, ddof=1) + 1e-4)
+        expected_var += np.maximum(0.0, 1.0 - std).mean() / 2
+        cov = np.cov(z, rowvar=False)
+        expected_cov += (cov[~np.eye(6, dtype=bool)] ** 2).sum() / 6 / 2
+    variance, covariance = diversity_terms([torch.tensor(z, dtype=torch.float32) for z in views])
+    assert float(variance) == pytest.approx(expected_var, rel=1e-4)
+    assert float(covariance) == pytest.approx(expected_cov, rel=1e-4)
+    # a batch collapsed onto one direction is penalised; decorrelated unit-variance dimensions are not
+    direction = rng.normal(size=(1, 6))
+    collapsed = torch.tensor(rng.normal(size=(64, 1)) * direction * 3, dtype=torch.float32)
+    centred = rng.normal(size=(64, 6))
+    centred -= centred.mean(axis=0)
+    spread = torch.tensor(np.linalg.qr(centred)[0] * np.sqrt(63), dtype=torch.float32)  # covariance = identity
+    assert float(diversity_terms([collapsed])[1]) > 10 * float(diversity_terms([spread])[1])
+    assert float(diversity_terms([spread])[0]) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_dino_diversity_is_added_to_the_loss(toy, tmp_path):
+    cfg = _cfg(toy, tmp_path, "dino.diversity.variance=1.0", "dino.diversity.covariance=0.5")
+    batches = _batches(toy, cfg, n_batches=1)
+    method = DinoMethod(cfg, steps_per_epoch=1)
+    method.setup(torch.device("cpu"), lambda m: m)
+    method.start_epoch(0)
+    out = method.train_step(dict(batches[0]))
+    assert out["loss"] == pytest.approx(out["dino_loss"] + out["variance"] + 0.5 * out["covariance"], rel=1e-5)
+    assert out["covariance"] > 0
 
 
 def _cfg(toy, tmp_path, *extra):

@@ -30,14 +30,15 @@ class EncoderWithHead(nn.Module):
         self.encoder = encoder
         self.head = head
 
-    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``views``: tensors (B, V_i, S_i) → list of (B, K) outputs, view by view, in order."""
-        outputs = []
+    def forward(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``views``: tensors (B, V_i, S_i) → (head outputs (B, K), embeddings (B, D)), view by view, in order."""
+        outputs, embeddings = [], []
         for group in views:
             b, v, s = group.shape
-            out = self.head(self.encoder(group.reshape(b * v, s)))
-            outputs.extend(out.reshape(b, v, -1).unbind(1))
-        return outputs
+            emb = self.encoder(group.reshape(b * v, s))
+            outputs.extend(self.head(emb).reshape(b, v, -1).unbind(1))
+            embeddings.extend(emb.reshape(b, v, -1).unbind(1))
+        return outputs, embeddings
 
 
 def dino_loss(
@@ -63,6 +64,26 @@ def dino_loss(
             total = total + (-tp * sl).sum(dim=-1).mean()
             pairs += 1
     return total / pairs
+
+
+def diversity_terms(embeddings: list[torch.Tensor], eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variance and covariance regularisers (VICReg form, as in RDINO) over views of a batch.
+
+    Plain DINO on little data lets the embedding collapse onto a few directions: the
+    teacher's prototypes need only a handful. The variance term is a hinge that keeps
+    each dimension's batch standard deviation at 1 or more; the covariance term is the
+    mean squared off-diagonal covariance per dimension, which decorrelates dimensions.
+    Both are averaged over the views, each view a (B, D) batch with B ≥ 2.
+    """
+    variance = embeddings[0].new_zeros((), dtype=torch.float32)
+    covariance = variance.clone()
+    for emb in embeddings:
+        z = emb.float() - emb.float().mean(dim=0)
+        n, d = z.shape
+        variance = variance + torch.relu(1.0 - torch.sqrt(z.var(dim=0) + eps)).mean()
+        cov = z.T @ z / (n - 1)
+        covariance = covariance + (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / d
+    return variance / len(embeddings), covariance / len(embeddings)
 
 
 class DinoMethod(Method):
@@ -123,9 +144,14 @@ class DinoMethod(Method):
         views = [batch["global"]] + ([batch["local"]] if "local" in batch else [])
         with autocast(self.device):
             with torch.no_grad():
-                teacher_out = self.teacher([batch["global"]])
-            student_out = self.student(views)
+                teacher_out, _ = self.teacher([batch["global"]])
+            student_out, student_emb = self.student(views)
         loss = dino_loss(student_out, teacher_out, self.center, d.student_temp, d.teacher_temp)
+        metrics: dict[str, float] = {}
+        if d.diversity.variance > 0 or d.diversity.covariance > 0:
+            variance, covariance = diversity_terms(student_emb)
+            metrics = {"dino_loss": loss.item(), "variance": variance.item(), "covariance": covariance.item()}
+            loss = loss + d.diversity.variance * variance + d.diversity.covariance * covariance
         if not torch.isfinite(loss):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -143,7 +169,8 @@ class DinoMethod(Method):
             self.center.mul_(d.center_momentum).add_(batch_center, alpha=1.0 - d.center_momentum)
         self.step += 1
         crops = sum(v.shape[0] * v.shape[1] for v in views)
-        return {"loss": loss.item(), "lr": lr, "teacher_momentum": momentum, "grad_norm": float(grad_norm), "crops": crops}
+        return {"loss": loss.item(), "lr": lr, "teacher_momentum": momentum, "grad_norm": float(grad_norm),
+                "crops": crops, **metrics}
 
     def encoder(self) -> nn.Module:
         return self.teacher.encoder
