@@ -45,6 +45,8 @@ def test_cross_key_checks():
         load_config(None, ["cluster.k1=10", "cluster.k2=10"])
     with pytest.raises(ConfigError, match="ray.use_gpu"):
         load_config(None, ["ray.use_gpu=maybe"])
+    with pytest.raises(ConfigError, match=r"dino\.diversity\.covariance: must be >= 0, got -0\.1"):
+        load_config(None, ["dino.diversity.covariance=-0.1"])
 
 
 def test_round_overrides():
