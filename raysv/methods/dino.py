@@ -78,7 +78,8 @@ def diversity_terms(embeddings: list[torch.Tensor], eps: float = 1e-4) -> tuple[
     variance = embeddings[0].new_zeros((), dtype=torch.float32)
     covariance = variance.clone()
     for emb in embeddings:
-        z = emb.float() - emb.float().mean(dim=0)
+        x = emb.float()
+        z = x - x.mean(dim=0)
         n, d = z.shape
         variance = variance + torch.relu(1.0 - torch.sqrt(z.var(dim=0) + eps)).mean()
         cov = z.T @ z / (n - 1)
