@@ -9,6 +9,7 @@ global and local crops, augment each crop). The last line is the speed-up ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -21,9 +22,10 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 def plain_loop(shards: Path, cfg, batch: int) -> tuple[int, float]:
     """Decode, crop and augment in this process, row group by row group."""
-    from raysv.data.pipelines import augment_params, dino_views, multi_crop_batch
+    from raysv.data.pipelines import augment_params, multi_crop_batch
+    from raysv.methods.dino import dino_views
 
-    views = dino_views(cfg)
+    views = dino_views(cfg.dino.crops)
     aug = augment_params(cfg.data.augment)
     start = time.perf_counter()
     batches = 0
@@ -42,9 +44,11 @@ def plain_loop(shards: Path, cfg, batch: int) -> tuple[int, float]:
 
 def ray_pipeline(shards: Path, cfg, batch: int) -> tuple[int, float]:
     """The training pipeline: Ray Data map_batches tasks feeding an iterator, as a worker sees it."""
-    from raysv.data.pipelines import dino_dataset
+    from raysv.data.pipelines import multi_crop_dataset
+    from raysv.methods.dino import dino_views
 
-    ds = dino_dataset(shards, cfg)
+    data = dataclasses.replace(cfg.data, shards=str(shards))
+    ds = multi_crop_dataset(data, dino_views(cfg.dino.crops))
     start = time.perf_counter()
     batches = sum(1 for _ in ds.iter_torch_batches(batch_size=batch, drop_last=True))
     return batches, time.perf_counter() - start
@@ -60,11 +64,12 @@ def main() -> None:
 
     import ray
 
-    from raysv.config import load_config
+    from raysv.run_config import load_config
+    from raysv.runtime import RayConfig, ensure_ray
 
     cfg = load_config(args.config)
     shards = Path(args.shards)
-    ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ensure_ray(RayConfig(num_cpus=args.num_cpus or os.cpu_count()))
     ray_pipeline(shards, cfg, args.batch)  # warm-up: worker processes start once
     n_ray, t_ray = ray_pipeline(shards, cfg, args.batch)
     n_plain, t_plain = plain_loop(shards, cfg, args.batch)

@@ -96,7 +96,8 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
-    from raysv.data.shards import prepare_shards
+    from raysv.data.prepare import prepare_shards
+    from raysv.runtime import RayConfig, ensure_ray
 
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_", dir=args.workdir))
     try:
@@ -115,8 +116,7 @@ def main() -> None:
         base_fps = len(files) / base_s
 
         t = time.perf_counter()
-        if not ray.is_initialized():
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ensure_ray(RayConfig(num_cpus=args.num_cpus))
         cpus = int(ray.cluster_resources().get("CPU", 0))
         print(f"ray.init: {time.perf_counter() - t:.1f} s ({cpus} CPUs; not counted below)")
 
@@ -134,7 +134,7 @@ def main() -> None:
         print(f"prepare, warm workers : {warm_fps:8.1f} files/s ({runs[1]:.1f} s, {report['num_shards']} shards, "
               f"{cpus} Ray CPUs on {os.cpu_count()} cores)")
         print(f"ratio cold/single: {cold_fps / base_fps:.2f}")
-        print(f"ratio warm/single (steady state, the figure for large corpora):")
+        print("ratio warm/single (steady state, the figure for large corpora):")
         print(f"{warm_fps / base_fps:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -41,7 +41,9 @@ def cluster(gpus: int, timeout_s: float = 3600.0):
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    ray.init(address="auto")
+    from raysv.runtime import RayConfig, ensure_ray
+
+    ensure_ray(RayConfig(address="auto"))
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `ray job stop` still releases the GPUs
     try:
         if gpus > 0:
@@ -67,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--restart-from", help="re-run this stage and everything after it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from raysv.config import ConfigError, load_config
+    from raysv.config import ConfigError
     from raysv.pipeline import ConfigChanged, plan, run_pipeline
+    from raysv.run_config import load_config
 
     try:
         cfg = load_config(args.config, job_overrides(args), merge=args.merge)

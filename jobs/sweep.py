@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     args = job_parser("Run a raysv Ray Tune sweep on the Ray cluster this job was submitted to.").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from raysv.config import ConfigError
-    from raysv.tune import run_sweep
+    from raysv.sweep import run_sweep
 
     if not Path(args.config).is_file():
         sys.exit(f"jobs/sweep.py: config file {args.config} does not exist")

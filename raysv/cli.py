@@ -21,7 +21,7 @@ def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _load(args) -> "Config":  # noqa: F821
-    from raysv.config import load_config
+    from raysv.run_config import load_config
 
     return load_config(args.config, args.overrides, getattr(args, "merge", None))
 
@@ -54,7 +54,7 @@ def cmd_synth(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from raysv.data.shards import prepare_shards
+    from raysv.data.prepare import prepare_shards
 
     report = prepare_shards(
         args.audio_root,
@@ -70,8 +70,9 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from raysv.artifacts.jsonio import write_json
     from raysv.evaluation.evaluate import evaluate_trials
-    from raysv.stages import evaluate_checkpoint, write_json
+    from raysv.stages.evaluate import evaluate_checkpoint
 
     if args.checkpoint and args.config and not args.trials:
         cfg = _load(args)
@@ -84,11 +85,9 @@ def cmd_evaluate(args) -> None:
     if not args.trials or not args.audio_root:
         raise SystemExit("raysv evaluate: give --trials and --audio-root (or --checkpoint with --config)")
     if args.checkpoint:
-        from raysv.train.trainer import ensure_ray
+        from raysv.runtime import ensure_ray
 
-        from raysv.config import load_config
-
-        ensure_ray(load_config(args.config, args.overrides))
+        ensure_ray(_load(args).ray)
     metrics = evaluate_trials(
         args.trials,
         args.audio_root,
@@ -109,30 +108,29 @@ def cmd_train_dino(args) -> None:
 
 
 def cmd_train_ssl(args) -> None:
-    from raysv import stages
+    from raysv.stages.dino import train_dino
+    from raysv.stages.evaluate import evaluate_checkpoint
+    from raysv.stages.simclr import train_simclr
 
     cfg = _load(args)
-    out = Path(args.out) if args.out else cfg.run_dir / "round_0" / args.method / "model"
-    if args.method == "dino":
-        checkpoint = stages.train_dino(cfg, out)
-    else:
-        checkpoint = stages.train_simclr(cfg, out)
+    out = Path(args.out) if args.out else cfg.layout.model(f"round_0/{args.method}")
+    checkpoint = (train_dino if args.method == "dino" else train_simclr)(cfg, out)
     print(f"model: {checkpoint}")
     if cfg.data.trials:
-        for name, metrics in stages.evaluate_checkpoint(cfg, checkpoint, plots_dir=out.parent / "eval").items():
+        for name, metrics in evaluate_checkpoint(cfg, checkpoint, plots_dir=out.parent / "eval").items():
             _print_metrics(name, metrics)
 
 
 def cmd_extract(args) -> None:
-    from raysv import stages
+    from raysv.stages.extract import extract
 
     cfg = _load(args)
-    info = stages.extract(cfg, args.checkpoint, args.out, shards=args.shards)
+    info = extract(cfg, args.checkpoint, args.out, shards=args.shards)
     print(f"{info['count']} embeddings of dimension {info['dim']} in {args.out}")
 
 
 def cmd_cluster(args) -> None:
-    from raysv.pseudo.cluster import run_clustering
+    from raysv.pseudo.remote import run_clustering
 
     manifest = args.manifest
     if manifest is None and args.shards:
@@ -151,8 +149,8 @@ def cmd_cluster(args) -> None:
 
 
 def cmd_labels(args) -> None:
-    from raysv.data.shards import read_manifest
-    from raysv.pseudo.labels import speaker_labels, write_labels
+    from raysv.artifacts.labels import speaker_labels, write_labels
+    from raysv.artifacts.shards import read_manifest
 
     utt, labels, names = speaker_labels(read_manifest(args.shards))
     path = write_labels(args.out, utt, labels)
@@ -160,14 +158,15 @@ def cmd_labels(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from raysv import stages
+    from raysv.stages.evaluate import evaluate_checkpoint
+    from raysv.stages.finetune import finetune
 
     cfg = _load(args)
-    out = Path(args.out) if args.out else cfg.run_dir / "finetune" / "model"
-    checkpoint = stages.finetune(cfg, args.labels, out, init=args.init, large_margin=args.large_margin)
+    out = Path(args.out) if args.out else cfg.layout.model("finetune")
+    checkpoint = finetune(cfg, args.labels, out, init=args.init, large_margin=args.large_margin)
     print(f"model: {checkpoint}")
     if cfg.data.trials:
-        for name, metrics in stages.evaluate_checkpoint(cfg, checkpoint, plots_dir=out.parent / "eval").items():
+        for name, metrics in evaluate_checkpoint(cfg, checkpoint, plots_dir=out.parent / "eval").items():
             _print_metrics(name, metrics)
 
 
@@ -208,7 +207,7 @@ def cmd_verify(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from raysv.tune import run_sweep
+    from raysv.sweep import run_sweep
 
     run_sweep(args.config, args.overrides)
 

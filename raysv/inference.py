@@ -14,10 +14,10 @@ from typing import Union
 import numpy as np
 import torch
 
-from raysv.audio.io import read_audio, resample
+from raysv.audio.io import SAMPLE_RATE, read_audio, resample
+from raysv.embedding.core import evaluation_embedding
 from raysv.evaluation.scoring import score_trials
-from raysv.pseudo.extract import evaluation_embedding
-from raysv.train.checkpoint import load_encoder
+from raysv.models import load_encoder
 
 Audio = Union[str, Path, np.ndarray]
 """A path to an audio file, or a 1-D float waveform."""
@@ -34,7 +34,7 @@ class SpeakerModel:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.encoder, self.meta = load_encoder(self.folder, self.device)
-        self.sample_rate = int(self.meta.get("sample_rate", 16000))
+        self.sample_rate = int(self.meta.get("sample_rate", SAMPLE_RATE))
         settings = self.meta.get("eval") or {}
         if not isinstance(settings, dict):
             raise ValueError(f"{self.folder}/model.json: 'eval' must be an object, got {settings!r}")
@@ -73,7 +73,7 @@ class SpeakerModel:
             wave = wave.astype(np.float32) / float(np.iinfo(wave.dtype).max + 1)
         return resample(wave.astype(np.float32, copy=False), int(sample_rate), self.sample_rate)
 
-    def embed(self, waveform_or_path: Audio, sample_rate: int = 16000) -> np.ndarray:
+    def embed(self, waveform_or_path: Audio, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         """Unit-length (D,) embedding; ``sample_rate`` describes a waveform argument (files carry their own)."""
         wave = self._wave(waveform_or_path, sample_rate)
         return evaluation_embedding(
@@ -87,13 +87,13 @@ class SpeakerModel:
             sample_rate=self.sample_rate,
         )
 
-    def score(self, a: Audio, b: Audio, sample_rate: int = 16000) -> float:
+    def score(self, a: Audio, b: Audio, sample_rate: int = SAMPLE_RATE) -> float:
         """Cosine similarity of two utterances, AS-normalised when the checkpoint has a cohort."""
         embeddings = {"a": self.embed(a, sample_rate), "b": self.embed(b, sample_rate)}
         return float(score_trials(embeddings, ["a"], ["b"], cohort=self.cohort, top_n=self.top_n)[0])
 
     def verify(
-        self, a: Audio, b: Audio, threshold: float | None = None, sample_rate: int = 16000
+        self, a: Audio, b: Audio, threshold: float | None = None, sample_rate: int = SAMPLE_RATE
     ) -> tuple[float, bool]:
         """``(score, same speaker?)``, deciding with ``threshold`` or the one stored at evaluation."""
         if threshold is None:

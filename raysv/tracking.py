@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from raysv.config import Config
 
 log = logging.getLogger("raysv.tracking")
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def tracking_uri(cfg: Config) -> str:
+@dataclass
+class MlflowConfig:
+    """``mlflow``: where runs are recorded."""
+
+    tracking_uri: str | None = None  # default sqlite:///<runs>/mlflow.db; MLFLOW_TRACKING_URI wins
+    experiment: str = "raysv"
+
+
+def tracking_uri(cfg: MlflowConfig, runs: str | Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if cfg.mlflow.tracking_uri:
-        return cfg.mlflow.tracking_uri
-    runs = Path(cfg.runs).resolve()
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    runs = Path(runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{runs / 'mlflow.db'}"
 
@@ -46,12 +53,12 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
 class Tracker:
     """Creates and finds runs by tag so a resumed pipeline logs into the same parent run."""
 
-    def __init__(self, cfg: Config):
-        self.uri = tracking_uri(cfg)
+    def __init__(self, cfg: MlflowConfig, runs: str | Path):
+        self.uri = tracking_uri(cfg, runs)
         self.client = _client(self.uri)
-        self.experiment_id = self._experiment(cfg.mlflow.experiment, cfg)
+        self.experiment_id = self._experiment(cfg.experiment)
 
-    def _experiment(self, name: str, cfg: Config) -> str:
+    def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id

@@ -28,7 +28,7 @@ def toy(tmp_path_factory, ray_session):
     from types import SimpleNamespace
 
     from raysv.audio.synth import synthesize
-    from raysv.data.shards import prepare_shards
+    from raysv.data.prepare import prepare_shards
 
     root = tmp_path_factory.mktemp("toy")
     synthesize(root / "train", speakers=6, sessions=3, utterances=4, min_seconds=1.0, max_seconds=2.0, trials=0, seed=3)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from raysv.config import Config, ConfigError, load_config, round_config
+from raysv.config import ConfigError
+from raysv.run_config import Config, load_config, round_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_overrides
-from raysv.config import load_config, round_config
-from raysv.pipeline import ConfigChanged, finetune_init, plan, run_pipeline
+from raysv.pipeline import ConfigChanged, plan, run_pipeline
+from raysv.run_config import load_config, round_config
+from raysv.stages.finetune import finetune_init
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -70,7 +71,7 @@ def one_round(toy, tmp_path_factory):
 
 
 def test_resume_after_sigkill(one_round):
-    from raysv.train.checkpoint import load_training_state
+    from raysv.artifacts.checkpoint import load_training_state
 
     cfg, _, killed = one_round
     state = json.loads((cfg.run_dir / "state.json").read_text())
@@ -131,10 +132,10 @@ def _true_label_model(toy, folder: Path, cfg) -> Path:
     import pyarrow.parquet as pq
     import torch
 
+    from raysv.artifacts.checkpoint import save_model
+    from raysv.artifacts.labels import write_labels
     from raysv.data.pipelines import labelled_crop_batch
     from raysv.methods.supervised import SupervisedMethod
-    from raysv.pseudo.labels import write_labels
-    from raysv.train.checkpoint import save_model
     from raysv.train.loop import run_epochs
 
     table = pq.read_table(sorted(Path(toy.shards).glob("part-*.parquet")))
@@ -145,7 +146,8 @@ def _true_label_model(toy, folder: Path, cfg) -> Path:
     write_labels(folder, utt, labels)
     audio = np.asarray(table.column("audio").to_pylist(), dtype=object)
     torch.manual_seed(0)
-    method = SupervisedMethod(cfg, steps_per_epoch=len(utt) // 8, labels=str(folder / "labels.parquet"))
+    method = SupervisedMethod(cfg.finetune, seed=cfg.seed, steps_per_epoch=len(utt) // 8,
+                              labels=str(folder / "labels.parquet"))
     method.setup(torch.device("cpu"), lambda m: m)
     rng = np.random.default_rng(0)
 
@@ -163,7 +165,7 @@ def _true_label_model(toy, folder: Path, cfg) -> Path:
 def test_verify_ranks_and_decides(toy, tmp_path):
     from raysv.data.trials import read_trials
     from raysv.inference import load_model
-    from raysv.stages import evaluate_checkpoint
+    from raysv.stages.evaluate import evaluate_checkpoint
 
     quick = load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(toy, tmp_path) + [
         "finetune.epochs=12", "finetune.loss_gate.enabled=false", "finetune.label_correction.enabled=false",

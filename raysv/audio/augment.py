@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.signal import fftconvolve
 
-from raysv.audio.io import AudioReadError, read_audio
+from raysv.audio.io import SAMPLE_RATE, AudioReadError, read_audio
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def colored_noise(n: int, rng: np.random.Generator, beta: float | None = None) -
     return out / (np.std(out) + _EPS)
 
 
-def synthetic_music(n: int, rng: np.random.Generator, sample_rate: int = 16000) -> np.ndarray:
+def synthetic_music(n: int, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """A few random tones with harmonics and repeating note envelopes, standing in for MUSAN music."""
     t = np.arange(n, dtype=np.float64) / sample_rate
     out = np.zeros(n)
@@ -84,7 +84,7 @@ def synthetic_music(n: int, rng: np.random.Generator, sample_rate: int = 16000) 
 
 
 def synthetic_babble(
-    n: int, rng: np.random.Generator, speakers: int, sample_rate: int = 16000
+    n: int, rng: np.random.Generator, speakers: int, sample_rate: int = SAMPLE_RATE
 ) -> np.ndarray:
     """Sum of ``speakers`` band-limited noises with syllable-rate modulation, standing in for babble."""
     t = np.arange(n, dtype=np.float64) / sample_rate
@@ -104,7 +104,7 @@ def synthetic_babble(
 
 
 def synthetic_rir(
-    rng: np.random.Generator, sample_rate: int = 16000, rt60: float | None = None
+    rng: np.random.Generator, sample_rate: int = SAMPLE_RATE, rt60: float | None = None
 ) -> np.ndarray:
     """Exponentially decaying noise after a direct-path spike (RT60 uniform in 0.2–0.8 s when not given).
 
@@ -179,6 +179,26 @@ class AugmentInfo:
     noise: np.ndarray | None
 
 
+@dataclass
+class AugmentConfig:
+    """``data.augment``: MUSAN-layout noise folder and RIR folder; ``null`` uses synthetic noise and rooms."""
+
+    musan: str | None = None
+    rir: str | None = None
+    noise_prob: float = 0.6
+    reverb_prob: float = 0.3
+    eq_prob: float = 0.0  # random channel response (tilt, peaks/notches, band limit) per crop
+    eq_db: float = 6.0
+    snr_noise: tuple[float, float] = (0.0, 15.0)
+    snr_music: tuple[float, float] = (5.0, 15.0)
+    snr_babble: tuple[float, float] = (13.0, 20.0)
+    babble_speakers: tuple[int, int] = (3, 7)
+
+    def params(self) -> tuple:
+        """A hashable description, so each process builds its :class:`Augmenter` once."""
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in asdict(self).items())
+
+
 class Augmenter:
     """Random reverberation, channel response and additive noise, one independent draw per crop."""
 
@@ -194,7 +214,7 @@ class Augmenter:
         snr_music: tuple[float, float] = (5.0, 15.0),
         snr_babble: tuple[float, float] = (13.0, 20.0),
         babble_speakers: tuple[int, int] = (3, 7),
-        sample_rate: int = 16000,
+        sample_rate: int = SAMPLE_RATE,
         eq_prob: float = 0.0,
         eq_db: float = 6.0,
     ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torchaudio
 
+from raysv.audio.io import SAMPLE_RATE
+
 LOG_FLOOR = 1e-6
 """Added to the mel energies before the log so silence stays finite (log(1e-6) ≈ -13.8)."""
 
@@ -17,7 +19,7 @@ class Fbank(torch.nn.Module):
     Input ``(B, samples)`` float waveform, output ``(B, n_mels, frames)``.
     """
 
-    def __init__(self, n_mels: int = 80, sample_rate: int = 16000, mean_norm: bool = False):
+    def __init__(self, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, mean_norm: bool = False):
         super().__init__()
         self.n_mels = n_mels
         self.sample_rate = sample_rate

@@ -20,6 +20,7 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 __all__ = [
+    "SAMPLE_RATE",
     "AudioReadError",
     "FFmpegNotFoundError",
     "FFMPEG_EXTENSIONS",
@@ -49,6 +50,9 @@ FFMPEG_INSTALL_HINT = (
 )
 
 _PCM16_SCALE = 32768.0
+
+SAMPLE_RATE = 16000
+"""The one sample rate of every model, shard and crop (WavLM and the fbank front end assume it)."""
 
 
 class AudioReadError(Exception):
@@ -132,7 +136,7 @@ def _read_ffmpeg(path: Path, sample_rate: int) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / _PCM16_SCALE
 
 
-def read_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read a file as float32 mono in [-1, 1] at ``sample_rate``.
 
     Raises AudioReadError (file missing, corrupt, unsupported) naming the path;

@@ -9,16 +9,38 @@ never materialised: rows stream from Parquet to the workers.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from raysv.config import AugmentConfig, Config
+from raysv.artifacts.shards import read_row_groups, shard_files, shard_row_groups
+from raysv.audio.augment import AugmentConfig
+from raysv.audio.io import SAMPLE_RATE
+from raysv.config import ConfigError
+from raysv.data.trials import TrialList
 
-SAMPLE_RATE = 16000
+
+@dataclass
+class DataConfig:
+    """``data``: the training shards, the trial lists, augmentation and how shards are streamed."""
+
+    shards: str = "data/train_shards"
+    trials: dict[str, TrialList] = field(default_factory=dict)
+    dev_trials: TrialList | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    shuffle_buffer: int = 256
+    mix_row_groups: int = 8  # row groups read and shuffled together per read task (shards are in speaker order)
+    prefetch_batches: int = 4  # batches each training worker keeps ready ahead of its step
+    sample_rate: int = SAMPLE_RATE  # of the shards; the models are built for 16 kHz
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.sample_rate != SAMPLE_RATE:
+            raise ConfigError(f"{prefix}.sample_rate: raysv's models take {SAMPLE_RATE} Hz audio, got {self.sample_rate}")
+        if self.mix_row_groups < 1:
+            raise ConfigError(f"{prefix}.mix_row_groups: must be >= 1, got {self.mix_row_groups}")
 
 
 def random_crop(wave: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -40,9 +62,7 @@ def _augmenter(params: tuple) -> Any:
 
 def augment_params(cfg: AugmentConfig | None) -> tuple | None:
     """A hashable description of the augmentation, so each process builds its Augmenter once."""
-    if cfg is None:
-        return None
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in asdict(cfg).items())
+    return None if cfg is None else cfg.params()
 
 
 def check_augment(cfg: AugmentConfig | None) -> None:
@@ -133,59 +153,73 @@ def label_table(utt_index: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return table
 
 
-def _read(shards: str | Path, cfg: Config, batch_rows: int):
+def read_shards(path: str | Path, columns: list[str] | None = None) -> Any:
+    """The shards of a prepared folder as a Ray Dataset in file order (manifest.parquet excluded)."""
+    import ray
+
+    ds = ray.data.read_parquet(shard_files(path))
+    return ds.select_columns(list(columns)) if columns is not None else ds
+
+
+def _read_row_group_batch(batch: dict[str, np.ndarray], columns: list[str] | None) -> Any:
+    return read_row_groups(zip(batch["file"], batch["row_group"]), columns, np.random.default_rng())
+
+
+def stream_shards(
+    path: str | Path, columns: list[str] | None = None, *, mix_row_groups: int = 8, block_rows: int = 16
+) -> Any:
+    """The shards for training, in a new random order every epoch (every execution).
+
+    Shards are written in speaker order, so a plain read gives batches of a few
+    speakers. Each read task takes ``mix_row_groups`` row groups drawn at random (the
+    row-group order is shuffled per epoch) and shuffles their rows together; the rows
+    then flow on in blocks of ``block_rows``, so the first crops of an epoch do not
+    wait for whole files to be cropped. The trainers' local shuffle buffer mixes further.
+    """
+    import ray
+
+    if mix_row_groups < 1 or block_rows < 1:
+        raise ValueError(f"mix_row_groups and block_rows must be >= 1, got {mix_row_groups}, {block_rows}")
+    items = [{"file": uri, "row_group": group} for uri, group in shard_row_groups(path)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).randomize_block_order()
+    ds = ds.map_batches(
+        _read_row_group_batch, fn_kwargs={"columns": list(columns) if columns else None},
+        batch_size=mix_row_groups, batch_format="numpy", num_cpus=1,
+    )
+    return ds.repartition(target_num_rows_per_block=block_rows)
+
+
+def _read(data: DataConfig, batch_rows: int) -> Any:
     """Shard rows, mixed across row groups, in a new random order every epoch."""
-    from raysv.data.shards import stream_shards
-
-    return stream_shards(
-        shards, columns=["utt_index", "audio"], mix_row_groups=cfg.data.mix_row_groups, block_rows=batch_rows
-    )
+    return stream_shards(data.shards, columns=["utt_index", "audio"], mix_row_groups=data.mix_row_groups,
+                         block_rows=batch_rows)
 
 
-def dino_views(cfg: Config) -> dict[str, tuple[int, float]]:
-    """DINO's named crop groups, ``{name: (count, seconds)}``; no ``local`` group when its count is 0."""
-    crops = cfg.dino.crops
-    views = {"global": (crops.global_count, crops.global_seconds)}
-    if crops.local_count > 0:
-        views["local"] = (crops.local_count, crops.local_seconds)
-    return views
+def multi_crop_dataset(data: DataConfig, views: dict[str, tuple[int, float]], batch_rows: int = 16) -> Any:
+    """Rows of named crop groups, ``{name: (count, seconds)}`` → (count, samples) float32 each.
 
-
-def dino_dataset(shards: str | Path, cfg: Config, batch_rows: int = 16):
-    """Rows of ``global`` (G, Sg) and ``local`` (L, Sl) float32 crops for DINO."""
-    return _read(shards, cfg, batch_rows).map_batches(
+    DINO's ``global``/``local`` crops and the contrastive ``views`` are both this dataset.
+    """
+    return _read(data, batch_rows).map_batches(
         multi_crop_batch,
-        fn_kwargs={"views": dino_views(cfg), "aug": augment_params(cfg.data.augment)},
+        fn_kwargs={"views": views, "aug": augment_params(data.augment)},
         batch_size=batch_rows,
         batch_format="numpy",
         num_cpus=1,
     )
 
 
-def contrastive_dataset(shards: str | Path, cfg: Config, views: int, seconds: float, batch_rows: int = 16):
-    """Rows of ``views`` (V, S) independently cropped and augmented views per utterance."""
-    return _read(shards, cfg, batch_rows).map_batches(
-        multi_crop_batch,
-        fn_kwargs={"views": {"views": (views, seconds)}, "aug": augment_params(cfg.data.augment)},
-        batch_size=batch_rows,
-        batch_format="numpy",
-        num_cpus=1,
-    )
-
-
-def supervised_dataset(
-    shards: str | Path, table: np.ndarray, cfg: Config, seconds: float, with_clean: bool, batch_rows: int = 16
-):
+def supervised_dataset(data: DataConfig, table: np.ndarray, seconds: float, with_clean: bool, batch_rows: int = 16) -> Any:
     """Rows of ``wave`` (S,), ``label``, ``utt_index`` (+ ``clean``) for labelled utterances only."""
     import ray
 
     table_ref = ray.put(table)
     return (
-        _read(shards, cfg, batch_rows)
+        _read(data, batch_rows)
         .map_batches(_attach_labels_ref, fn_kwargs={"table_ref": table_ref}, batch_size=batch_rows, batch_format="numpy")
         .map_batches(
             labelled_crop_batch,
-            fn_kwargs={"seconds": seconds, "aug": augment_params(cfg.data.augment), "with_clean": with_clean},
+            fn_kwargs={"seconds": seconds, "aug": augment_params(data.augment), "with_clean": with_clean},
             batch_size=batch_rows,
             batch_format="numpy",
             num_cpus=1,

@@ -8,6 +8,14 @@ from pathlib import Path
 import numpy as np
 
 
+@dataclass
+class TrialList:
+    """A trial-list entry of the config: the list file and the folder its paths are relative to."""
+
+    path: str = ""
+    audio_root: str = ""
+
+
 @dataclass(frozen=True)
 class Trials:
     """A trial list; paths are relative to the audio root the list was written for."""

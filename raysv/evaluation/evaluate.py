@@ -2,25 +2,45 @@
 
 The embedder is either the untrained ``fbank-mean`` baseline (computed in this
 process) or a checkpoint, embedded by the Ray actor pool of
-:mod:`raysv.pseudo.extract` so that VoxCeleb1-E/H's 145k utterances run in parallel.
+:mod:`raysv.embedding.pool` so that VoxCeleb1-E/H's 145k utterances run in parallel.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from raysv.audio.io import SAMPLE_RATE, read_audio
 from raysv.data.trials import read_trials, resolve_trial_audio
-from raysv.evaluation.scoring import decide, evaluate_scores, multicrop_embedding, score_trials
+from raysv.embedding.baseline import fbank_mean_embedding
+from raysv.embedding.core import crop_rng, multicrop_embedding
+from raysv.evaluation.scoring import decide, evaluate_scores, score_trials
 
 log = logging.getLogger(__name__)
 
 EMBEDDERS = ("fbank-mean", "checkpoint")
-SAMPLE_RATE = 16000
+
+
+@dataclass
+class AsNormConfig:
+    top_n: int | None = None  # None disables AS-norm
+    cohort_size: int = 20000
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: how a trial file is embedded (whole utterance plus crops) and scored."""
+
+    crops: int = 15
+    crop_seconds: float = 4.0
+    max_seconds: float = 30.0
+    asnorm: AsNormConfig = field(default_factory=AsNormConfig)
+    seed: int = 0
 
 
 def _fbank_mean_embeddings(
@@ -28,10 +48,6 @@ def _fbank_mean_embeddings(
 ) -> dict[str, np.ndarray]:
     """The baseline embedding of every file, in this process, with a progress bar."""
     from tqdm.auto import tqdm
-
-    from raysv.audio.io import read_audio
-    from raysv.evaluation.baseline import fbank_mean_embedding
-    from raysv.pseudo.extract import crop_rng
 
     def embed_fn(batch: np.ndarray) -> np.ndarray:
         return np.stack([fbank_mean_embedding(w, SAMPLE_RATE) for w in batch])
@@ -92,7 +108,7 @@ def evaluate_trials(
     elif embedder == "fbank-mean":
         embeddings = _fbank_mean_embeddings(files, crops, crop_seconds, seed)
     else:
-        from raysv.pseudo.extract import embed_files
+        from raysv.embedding.pool import embed_files
 
         embeddings = embed_files(
             checkpoint, files, crops=crops, crop_seconds=crop_seconds, max_seconds=max_seconds, seed=seed

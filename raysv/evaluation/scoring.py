@@ -1,31 +1,20 @@
-"""Trial scoring: cosine, multi-crop embeddings, AS-norm, the EER threshold and a summary.
+"""Trial scoring: cosine, AS-norm, the EER threshold and a summary.
 
-Everything is NumPy so it runs on the driver or in any Ray worker without a
-model: the encoder only enters through the ``embed_fn`` of
-:func:`multicrop_embedding`.
+Everything is NumPy so it runs on the driver or in any Ray worker without a model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from raysv.embedding.core import l2_normalize
 from raysv.evaluation.metrics import compute_eer, compute_min_dcf
 
 # Elements of one chunk of the (utterances × cohort) score matrix: 16 Mi float64 = 128 MiB.
 COHORT_CHUNK_ELEMENTS = 1 << 24
 _EPS = 1e-12
-
-
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Unit-length vectors along ``axis`` (zero vectors stay zero), so dot products are cosines."""
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, _EPS)
 
 
 def cosine_scores(enroll: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -106,46 +95,6 @@ def score_trials(
     mean, std = cohort_statistics(mat, cohort, top_n)
     std = np.maximum(std, _EPS)
     return 0.5 * ((scores - mean[e_idx]) / std[e_idx] + (scores - mean[t_idx]) / std[t_idx])
-
-
-def multicrop_embedding(
-    embed_fn: Callable[[np.ndarray], np.ndarray],
-    wave: np.ndarray,
-    crops: int,
-    crop_samples: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Mean of the unit-length whole-utterance embedding and ``crops`` random-crop embeddings, re-normalised.
-
-    Short utterances are repeated up to ``crop_samples``; the crops go to
-    ``embed_fn`` as one (crops, crop_samples) float32 batch.
-    """
-    wave = np.asarray(wave, dtype=np.float32)
-    if wave.ndim != 1 or wave.size == 0:
-        raise ValueError(f"multicrop_embedding expects a non-empty 1-D wave, got shape {wave.shape}")
-    if crops < 0:
-        raise ValueError(f"crops must be >= 0, got {crops}")
-    parts = [_embed(embed_fn, wave[None, :])]
-    if crops > 0:
-        if crop_samples < 1:
-            raise ValueError(f"crop_samples must be >= 1, got {crop_samples}")
-        if wave.size >= crop_samples:
-            starts = rng.integers(0, wave.size - crop_samples + 1, size=crops)
-            parts.append(_embed(embed_fn, np.stack([wave[s : s + crop_samples] for s in starts])))
-        else:  # every crop is the same repeated utterance: embed it once
-            tiled = np.resize(wave, crop_samples)[None, :]
-            parts.append(np.repeat(_embed(embed_fn, tiled), crops, axis=0))
-    emb = np.concatenate([l2_normalize(p) for p in parts], axis=0)
-    return l2_normalize(emb.mean(axis=0))
-
-
-def _embed(embed_fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
-    out = np.asarray(embed_fn(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32)
-    if out.ndim != 2 or out.shape[0] != batch.shape[0]:
-        raise ValueError(
-            f"embed_fn must return ({batch.shape[0]}, D) for a batch of {batch.shape[0]}, got {out.shape}"
-        )
-    return out
 
 
 def check_trials(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

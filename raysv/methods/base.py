@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -11,15 +12,31 @@ Wrap = Callable[[torch.nn.Module], torch.nn.Module]
 """Moves a module to the device and wraps it for data parallelism (``prepare_model``)."""
 
 
+@dataclass
+class LrConfig:
+    """Two learning rates (pre-trained backbone, new back-end), decayed every epoch."""
+
+    backbone: float = 2e-5
+    head: float = 5e-3
+    decay: float = 0.95  # multiplied in every epoch
+    weight_decay: float = 1e-4
+    # Fine-tuning: the backbone's rate ramps up linearly from 0 over this many epochs, so the
+    # new (random) classifier settles before its gradients reach the pre-trained encoder.
+    backbone_warmup_epochs: float = 0.0
+
+
 class Method:
     """A training method: builds its modules, takes steps, and says what to save.
 
+    A method is built from its own config section (``config_class``), the run's seed and
+    what the driver computed (steps per epoch, label files): ``cls(section, seed, **args)``.
     ``epochs`` and ``batch_size`` (global, split over the workers) drive the loop;
     ``state_dict`` must hold only tensors, numbers, strings and containers of
     them so that checkpoints load with ``weights_only=True``.
     """
 
     name: str = "method"
+    config_class: type = object
     epochs: int = 1
     batch_size: int = 1
 

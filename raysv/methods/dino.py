@@ -10,16 +10,83 @@ its own BatchNorm statistics: the student's would belong to other weights.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from raysv.config import Config
+from raysv.config import ConfigError, check_non_negative, check_positive
 from raysv.methods.base import Method, Wrap, all_reduce_mean, autocast, cosine_schedule, unwrap
-from raysv.models.ecapa import ECAPAEncoder
+from raysv.models.ecapa import ECAPAEncoder, EcapaConfig
 from raysv.models.heads import DINOHead
+
+
+@dataclass
+class CropConfig:
+    global_count: int = 2
+    global_seconds: float = 4.0
+    local_count: int = 4
+    local_seconds: float = 2.0
+
+
+@dataclass
+class DinoHeadConfig:
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    out_dim: int = 65536
+
+
+@dataclass
+class SgdConfig:
+    lr: float = 0.2
+    min_lr: float = 5e-5
+    weight_decay: float = 5e-5
+    momentum: float = 0.9
+    warmup_epochs: int = 10
+
+
+@dataclass
+class DiversityConfig:
+    """Weights of the regularisers on the student's embeddings against dimensional collapse (0: off)."""
+
+    variance: float = 0.0  # hinge on each dimension's batch standard deviation (below 1)
+    covariance: float = 0.0  # squared off-diagonal covariances: redundant dimensions
+
+
+@dataclass
+class DinoConfig:
+    """``dino``: round 0, DINO self-distillation of an ECAPA-TDNN."""
+
+    encoder: EcapaConfig = field(default_factory=EcapaConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
+    optim: SgdConfig = field(default_factory=SgdConfig)
+    epochs: int = 80
+    batch_size: int = 128
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+    teacher_momentum: float = 0.996
+    freeze_last_layer_epochs: int = 1
+    clip_grad: float = 3.0
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
+
+    def validate(self, prefix: str = "dino") -> None:
+        check_positive(f"{prefix}.epochs", self.epochs)
+        check_positive(f"{prefix}.batch_size", self.batch_size)
+        for name in ("variance", "covariance"):
+            check_non_negative(f"{prefix}.diversity.{name}", getattr(self.diversity, name))
+        if self.crops.global_count < 2:
+            raise ConfigError(f"{prefix}.crops.global_count: DINO needs at least 2 global crops")
+
+
+def dino_views(crops: CropConfig) -> dict[str, tuple[int, float]]:
+    """DINO's named crop groups, ``{name: (count, seconds)}``; no ``local`` group when its count is 0."""
+    views = {"global": (crops.global_count, crops.global_seconds)}
+    if crops.local_count > 0:
+        views["local"] = (crops.local_count, crops.local_seconds)
+    return views
 
 
 class EncoderWithHead(nn.Module):
@@ -89,10 +156,12 @@ def diversity_terms(embeddings: list[torch.Tensor], eps: float = 1e-4) -> tuple[
 
 class DinoMethod(Method):
     name = "dino"
+    config_class = DinoConfig
 
-    def __init__(self, cfg: Config, steps_per_epoch: int):
+    def __init__(self, cfg: DinoConfig, seed: int, steps_per_epoch: int):
         self.cfg = cfg
-        d = cfg.dino
+        self.seed = seed
+        d = cfg
         self.epochs = d.epochs
         self.batch_size = d.batch_size
         self.steps_per_epoch = max(int(steps_per_epoch), 1)
@@ -101,9 +170,9 @@ class DinoMethod(Method):
         self.epoch = 0
 
     def setup(self, device: torch.device, wrap: Wrap) -> None:
-        d = self.cfg.dino
-        torch.manual_seed(self.cfg.seed)
-        encoder = ECAPAEncoder(**asdict(d.encoder))
+        d = self.cfg
+        torch.manual_seed(self.seed)
+        encoder = ECAPAEncoder.from_config(d.encoder)
         head = DINOHead(encoder.embed_dim, d.head.hidden_dim, d.head.bottleneck_dim, d.head.out_dim)
         student = EncoderWithHead(encoder, head)
         self.teacher = copy.deepcopy(student).to(device)
@@ -124,12 +193,12 @@ class DinoMethod(Method):
 
     # -- schedules
     def lr_at(self, step: int) -> float:
-        o = self.cfg.dino.optim
+        o = self.cfg.optim
         warmup = min(o.warmup_epochs * self.steps_per_epoch, self.total_steps // 2)
         return cosine_schedule(o.lr, o.min_lr, step, self.total_steps, warmup=warmup)
 
     def momentum_at(self, step: int) -> float:
-        return cosine_schedule(self.cfg.dino.teacher_momentum, 1.0, step, self.total_steps)
+        return cosine_schedule(self.cfg.teacher_momentum, 1.0, step, self.total_steps)
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
         self.epoch = epoch
@@ -138,7 +207,7 @@ class DinoMethod(Method):
         return {}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        d = self.cfg.dino
+        d = self.cfg
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

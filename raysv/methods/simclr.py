@@ -13,15 +13,44 @@ worker computes the same loss over the gathered batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysv.config import Config
-from raysv.methods.base import Method, Wrap, autocast, unwrap
-from raysv.models.round_model import build_round_encoder, split_parameters
+from raysv.config import ConfigError, build, check_positive
+from raysv.methods.base import LrConfig, Method, Wrap, autocast, unwrap
+from raysv.models.round_model import RoundModelConfig, build_round_encoder, split_parameters
+
+
+@dataclass
+class SimclrConfig:
+    """``simclr``: end-to-end contrastive baseline, V crops per utterance, (AM-)NT-Xent over the global batch."""
+
+    enabled: bool = False  # also train it as a baseline stage of `raysv run`
+    views: int = 2
+    crop_seconds: float = 3.0
+    temperature: float = 0.03
+    margin: float = 0.0  # additive margin on the positive cosine (AM-NT-Xent)
+    projector: bool = False
+    projector_dim: int = 256
+    epochs: int = 10
+    batch_size: int = 256  # global, split over the workers; negatives gathered from all of them
+    lr: LrConfig = field(default_factory=LrConfig)  # backbone / back-end rates, per-epoch decay
+    warmup_epochs: float = 0.0
+    clip_grad: float = 5.0
+
+    def validate(self, prefix: str = "simclr") -> None:
+        check_positive(f"{prefix}.epochs", self.epochs)
+        check_positive(f"{prefix}.batch_size", self.batch_size)
+        check_positive(f"{prefix}.crop_seconds", self.crop_seconds)
+        check_positive(f"{prefix}.temperature", self.temperature)
+        if self.views < 2:
+            raise ConfigError(f"{prefix}.views: a contrastive loss needs at least 2 views per utterance, got {self.views}")
+        if self.batch_size < 2:
+            raise ConfigError(f"{prefix}.batch_size: needs at least 2 utterances per batch for negatives, got {self.batch_size}")
 
 
 # ---------------------------------------------------------------- loss
@@ -154,12 +183,21 @@ class SimclrMethod(Method):
     """Contrastive training of the round model on V crops per utterance (``batch["views"]``)."""
 
     name = "simclr"
+    config_class = SimclrConfig
 
     def __init__(
-        self, cfg: Config, steps_per_epoch: int, pretrained: str | None = None, init: str | None = None
+        self,
+        cfg: SimclrConfig,
+        seed: int,
+        steps_per_epoch: int,
+        model: dict[str, Any],
+        pretrained: str | None = None,
+        init: str | None = None,
     ):
         self.cfg = cfg
-        s = cfg.simclr
+        self.seed = seed
+        self.model_cfg = build(RoundModelConfig, model, "finetune.model")
+        s = cfg
         self.epochs = s.epochs
         self.batch_size = s.batch_size
         self.steps_per_epoch = max(int(steps_per_epoch), 1)
@@ -169,9 +207,9 @@ class SimclrMethod(Method):
         self.epoch = 0
 
     def setup(self, device: torch.device, wrap: Wrap) -> None:
-        s = self.cfg.simclr
-        torch.manual_seed(self.cfg.seed)
-        encoder = build_round_encoder(self.cfg, self.pretrained, self.init)
+        s = self.cfg
+        torch.manual_seed(self.seed)
+        encoder = build_round_encoder(self.model_cfg, self.pretrained, self.init)
         projector = Projector(encoder.embed_dim, s.projector_dim, s.projector_dim) if s.projector else None
         self.device = device
         self.model = wrap(EncoderWithProjector(encoder, projector))
@@ -185,7 +223,7 @@ class SimclrMethod(Method):
 
     def lr_factor(self, step: int, epoch: int) -> float:
         """Linear warm-up over ``warmup_epochs``, times ``lr.decay`` per finished epoch."""
-        s = self.cfg.simclr
+        s = self.cfg
         warmup = s.warmup_epochs * self.steps_per_epoch
         ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         return ramp * s.lr.decay**epoch
@@ -196,7 +234,7 @@ class SimclrMethod(Method):
         return {}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        s = self.cfg.simclr
+        s = self.cfg
         factor = self.lr_factor(self.step, self.epoch)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
@@ -226,7 +264,7 @@ class SimclrMethod(Method):
         return unwrap(self.model).encoder
 
     def model_info(self) -> dict[str, Any]:
-        s = self.cfg.simclr
+        s = self.cfg
         return {"method": self.name, "temperature": s.temperature, "margin": s.margin}
 
     def state_dict(self) -> dict[str, Any]:

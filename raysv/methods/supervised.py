@@ -12,7 +12,9 @@ The same method on true labels is the supervised upper bound.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,82 @@ import numpy as np
 import torch
 from torch import nn
 
-from raysv.config import Config
-from raysv.methods.base import Method, Wrap, all_reduce_sum, autocast, unwrap
+from raysv.artifacts.checkpoint import TRAINING_FILE, load_training_state
+from raysv.artifacts.labels import read_labels
+from raysv.config import check_choice, check_non_negative, check_positive
+from raysv.methods.base import LrConfig, Method, Wrap, all_reduce_sum, autocast, unwrap
 from raysv.models.heads import AAMSoftmax, margin_at
-from raysv.models.round_model import backbone_parameters, build_round_encoder, split_parameters
+from raysv.models.round_model import RoundModelConfig, build_round_encoder, split_parameters
 
 log = logging.getLogger("raysv.train")
+
+
+@dataclass
+class MarginLossConfig:
+    margin: float = 0.2
+    scale: float = 30.0
+    margin_warmup_epochs: float = 0.0
+
+
+@dataclass
+class LossGateConfig:
+    enabled: bool = True
+    start_epoch: int = 5
+
+
+@dataclass
+class LabelCorrectionConfig:
+    enabled: bool = True
+    start_epoch: int = 9
+    temperature: float = 0.1
+    threshold: float = 0.5
+
+
+@dataclass
+class FinetuneConfig:
+    """``finetune``: the round model trained with AAM-softmax on (pseudo-)labels."""
+
+    model: RoundModelConfig = field(default_factory=RoundModelConfig)
+    loss: MarginLossConfig = field(default_factory=MarginLossConfig)
+    lr: LrConfig = field(default_factory=LrConfig)
+    loss_gate: LossGateConfig = field(default_factory=LossGateConfig)
+    label_correction: LabelCorrectionConfig = field(default_factory=LabelCorrectionConfig)
+    epochs: int = 15
+    batch_size: int = 120
+    crop_seconds: float = 3.0
+    l2sp: float = 0.01
+    clip_grad: float = 5.0
+    init: str = "pretrained"  # pretrained | previous (start round r from round r-1's model)
+
+    def validate(self, prefix: str = "finetune") -> None:
+        self.model.validate(f"{prefix}.model")
+        check_choice(f"{prefix}.init", self.init, ("pretrained", "previous"))
+        check_positive(f"{prefix}.epochs", self.epochs)
+        check_positive(f"{prefix}.batch_size", self.batch_size)
+        check_positive(f"{prefix}.crop_seconds", self.crop_seconds)
+        check_non_negative(f"{prefix}.lr.backbone_warmup_epochs", self.lr.backbone_warmup_epochs)
+
+
+@dataclass
+class LmftConfig:
+    """``lmft``: the last, large-margin fine-tune: longer crops, a larger margin, a few epochs."""
+
+    enabled: bool = True
+    crop_seconds: float = 6.0
+    margin: float = 0.5
+    epochs: int = 5
+    lr_scale: float = 0.5
+
+    def finetune_section(self, f: FinetuneConfig) -> FinetuneConfig:
+        """The fine-tune settings of the large-margin stage: ``f`` with this section's changes, no warm-ups."""
+        return dataclasses.replace(
+            f,
+            epochs=self.epochs,
+            crop_seconds=self.crop_seconds,
+            loss=dataclasses.replace(f.loss, margin=self.margin, margin_warmup_epochs=0.0),
+            lr=dataclasses.replace(f.lr, backbone=f.lr.backbone * self.lr_scale, head=f.lr.head * self.lr_scale,
+                                   backbone_warmup_epochs=0.0),
+        )
 
 
 def gmm_crossing(losses: np.ndarray, seed: int = 0) -> float | None:
@@ -84,28 +156,28 @@ class EncoderWithClassifier(nn.Module):
 
 class SupervisedMethod(Method):
     name = "supervised"
+    config_class = FinetuneConfig
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: FinetuneConfig,
+        seed: int,
         steps_per_epoch: int,
         labels: str,
         init: str | None = None,
-        large_margin: bool = False,
+        init_classifier: bool = False,
         pretrained: str | None = None,
     ):
-        from raysv.pseudo.labels import read_labels
-
         self.cfg = cfg
-        f = cfg.finetune
-        self.large_margin = large_margin
-        self.epochs = cfg.lmft.epochs if large_margin else f.epochs
-        self.batch_size = f.batch_size
-        self.margin = cfg.lmft.margin if large_margin else f.loss.margin
-        self.warmup = 0.0 if large_margin else f.loss.margin_warmup_epochs
+        self.seed = seed
+        self.epochs = cfg.epochs
+        self.batch_size = cfg.batch_size
+        self.margin = cfg.loss.margin
+        self.warmup = cfg.loss.margin_warmup_epochs
         self.steps_per_epoch = max(int(steps_per_epoch), 1)
         self.init = init
-        self.pretrained = pretrained or f.model.pretrained
+        self.init_classifier = init_classifier
+        self.pretrained = pretrained or cfg.model.pretrained
         utt_index, values = read_labels(labels)
         size = int(utt_index.max()) + 1
         table = np.full(size, -1, dtype=np.int64)
@@ -120,14 +192,14 @@ class SupervisedMethod(Method):
     # -- model
     def build_encoder(self) -> nn.Module:
         """The round model: an init checkpoint, pre-trained WavLM + MHFA, or ECAPA from scratch."""
-        return build_round_encoder(self.cfg, self.pretrained, self.init)
+        return build_round_encoder(self.cfg.model, self.pretrained, self.init)
 
     def setup(self, device: torch.device, wrap: Wrap) -> None:
-        f = self.cfg.finetune
-        torch.manual_seed(self.cfg.seed)
+        f = self.cfg
+        torch.manual_seed(self.seed)
         encoder = self.build_encoder()
-        classifier = AAMSoftmax(encoder.embed_dim, self.num_classes, self.margin, self.cfg.finetune.loss.scale)
-        if self.init and self.large_margin:
+        classifier = AAMSoftmax(encoder.embed_dim, self.num_classes, self.margin, f.loss.scale)
+        if self.init and self.init_classifier:
             # Only the large-margin stage keeps its source's labels; a new round's cluster
             # ids are unrelated to the previous round's, so its classifier starts afresh.
             self._load_init_classifier(classifier)
@@ -135,8 +207,7 @@ class SupervisedMethod(Method):
         self.model = wrap(EncoderWithClassifier(encoder, classifier))
         bare = unwrap(self.model)
         backbone_params, head_params = split_parameters(bare, bare.encoder, from_checkpoint=self.init is not None)
-        scale = self.cfg.lmft.lr_scale if self.large_margin else 1.0
-        self.base_lrs = [f.lr.backbone * scale, f.lr.head * scale]
+        self.base_lrs = [f.lr.backbone, f.lr.head]
         self.optimizer = torch.optim.AdamW(
             [{"params": backbone_params, "lr": self.base_lrs[0]}, {"params": head_params, "lr": self.base_lrs[1]}],
             weight_decay=f.lr.weight_decay,
@@ -148,8 +219,6 @@ class SupervisedMethod(Method):
 
     def _load_init_classifier(self, classifier: AAMSoftmax) -> None:
         """Large-margin fine-tuning continues with the classifier of the checkpoint it starts from."""
-        from raysv.train.checkpoint import TRAINING_FILE, load_training_state
-
         if not (Path(self.init) / TRAINING_FILE).is_file():
             return
         state = load_training_state(self.init).get("method", {})
@@ -167,14 +236,14 @@ class SupervisedMethod(Method):
 
     def backbone_lr(self, progress: float) -> float:
         """Backbone rate at ``progress`` epochs: per-epoch decay times the linear warm-up ramp."""
-        warmup = 0.0 if self.large_margin else self.cfg.finetune.lr.backbone_warmup_epochs
+        warmup = self.cfg.lr.backbone_warmup_epochs
         ramp = min(1.0, progress / warmup) if warmup > 0 else 1.0
-        return self.base_lrs[0] * self.cfg.finetune.lr.decay ** int(progress) * ramp
+        return self.base_lrs[0] * self.cfg.lr.decay ** int(progress) * ramp
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
         self.epoch = epoch
         self.step_in_epoch = 0
-        decay = self.cfg.finetune.lr.decay**epoch
+        decay = self.cfg.lr.decay**epoch
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * decay
         self.model.train()
@@ -183,14 +252,14 @@ class SupervisedMethod(Method):
         self.dropped = 0
         self.corrected = 0
         self.seen = 0
-        gate = self.cfg.finetune.loss_gate
+        gate = self.cfg.loss_gate
         self.gate_threshold = None
         if gate.enabled and epoch >= gate.start_epoch:
-            self.gate_threshold = gmm_crossing(self.prev_losses.cpu().numpy(), seed=self.cfg.seed)
+            self.gate_threshold = gmm_crossing(self.prev_losses.cpu().numpy(), seed=self.seed)
         return {"gate_threshold": self.gate_threshold if self.gate_threshold is not None else float("nan")}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        f = self.cfg.finetune
+        f = self.cfg
         idx = batch["utt_index"].long()
         labels = self.labels[idx]
         keep = torch.ones_like(idx, dtype=torch.bool)
@@ -236,7 +305,7 @@ class SupervisedMethod(Method):
         self, clean: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Relabel dropped samples whose clean crop is confidently another class; they rejoin the loss."""
-        lc = self.cfg.finetune.label_correction
+        lc = self.cfg.label_correction
         bare = unwrap(self.model)
         dropped = ~keep
         with torch.no_grad(), autocast(self.device):

@@ -9,12 +9,18 @@ seconds in every Ray worker that only trains ECAPA.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import torch
 from torch import nn
 
-from raysv.models.ecapa import ECAPAEncoder, ECAPATDNN
+from raysv.artifacts.checkpoint import load_weights, read_model_json
+from raysv.models.ecapa import ECAPAEncoder, ECAPATDNN, EcapaConfig
 from raysv.models.heads import AAMSoftmax, DINOHead, margin_at
 
-__all__ = ["AAMSoftmax", "DINOHead", "ECAPAEncoder", "ECAPATDNN", "build_encoder", "margin_at"]
+__all__ = ["AAMSoftmax", "DINOHead", "ECAPAEncoder", "ECAPATDNN", "EcapaConfig", "build_encoder", "load_encoder",
+           "margin_at"]
 
 
 def build_encoder(spec: dict) -> nn.Module:
@@ -32,3 +38,11 @@ def build_encoder(spec: dict) -> nn.Module:
 
         return wavlm_mhfa_from_spec(spec)
     raise ValueError(f"unknown encoder kind {kind!r} in model spec (expected 'ecapa' or 'wavlm_mhfa')")
+
+
+def load_encoder(folder: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the encoder a checkpoint folder's ``model.json`` describes and load its weights, in eval mode."""
+    meta = read_model_json(folder)
+    encoder = build_encoder(meta["encoder"])
+    encoder.load_state_dict(load_weights(folder))
+    return encoder.to(device).eval(), meta

@@ -7,10 +7,22 @@ SE-Res2Block, attentive statistics pooling) → ``ECAPATDNN`` on fbank features 
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 from torch import nn
 
 from raysv.audio.features import Fbank
+
+
+@dataclass
+class EcapaConfig:
+    """ECAPA-TDNN sizes (the reference DINO encoder: 1024 channels, 3072 before pooling)."""
+
+    channels: int = 1024
+    mfa_channels: int = 3072
+    embed_dim: int = 192
+    n_mels: int = 80
 
 
 class Res2Conv1d(nn.Module):
@@ -169,6 +181,10 @@ class ECAPAEncoder(nn.Module):
         self.n_mels = n_mels
         self.features = Fbank(n_mels=n_mels, mean_norm=True)
         self.tdnn = ECAPATDNN(channels=channels, mfa_channels=mfa_channels, embed_dim=embed_dim, n_mels=n_mels)
+
+    @classmethod
+    def from_config(cls, cfg: EcapaConfig) -> "ECAPAEncoder":
+        return cls(**asdict(cfg))
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         return self.tdnn(self.features(wave))

@@ -1,4 +1,4 @@
-"""The model fine-tuned in rounds >= 1 (and by the contrastive baseline), built from the config.
+"""The model fine-tuned in rounds >= 1 (and by the contrastive baseline), built from its config.
 
 WavLM + MHFA from a pre-trained hub id or folder (the reference), or the ECAPA-TDNN of
 round 0, from scratch or from a checkpoint (e.g. the DINO encoder).
@@ -6,22 +6,43 @@ round 0, from scratch or from a checkpoint (e.g. the DINO encoder).
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from raysv.config import Config
+from raysv.config import ConfigError, check_choice
+from raysv.models.ecapa import ECAPAEncoder, EcapaConfig
 
 
-def build_round_encoder(cfg: Config, pretrained: str | None = None, init: str | None = None) -> nn.Module:
+@dataclass
+class RoundModelConfig:
+    """``finetune.model``: WavLM + MHFA (reference) or ECAPA-TDNN."""
+
+    kind: str = "wavlm_mhfa"  # wavlm_mhfa | ecapa
+    pretrained: str | None = "microsoft/wavlm-base-plus"  # hub id or local folder
+    tiny: dict[str, int] | None = None  # build a tiny random WavLM of these sizes instead
+    heads: int = 64
+    compression: int = 128
+    embed_dim: int = 256
+    grad_mult: float = 1.0
+    ecapa: EcapaConfig = field(default_factory=EcapaConfig)
+    ecapa_init: str = "dino"  # dino | scratch
+
+    def validate(self, prefix: str = "finetune.model") -> None:
+        check_choice(f"{prefix}.kind", self.kind, ("wavlm_mhfa", "ecapa"))
+        check_choice(f"{prefix}.ecapa_init", self.ecapa_init, ("dino", "scratch"))
+        if self.kind == "wavlm_mhfa" and not (self.pretrained or self.tiny):
+            raise ConfigError(f"{prefix}: wavlm_mhfa needs `pretrained` (hub id or folder) or `tiny` sizes")
+
+
+def build_round_encoder(m: RoundModelConfig, pretrained: str | None = None, init: str | None = None) -> nn.Module:
     """The model to train: an init checkpoint, pre-trained WavLM + MHFA, or ECAPA from scratch.
 
     WavLM's own time masking is turned off: crops are augmented in the data pipeline,
     and an unused mask embedding would stall DDP.
     """
-    m = cfg.finetune.model
     if init:
-        from raysv.train.checkpoint import load_encoder
+        from raysv.models import load_encoder
 
         encoder, _ = load_encoder(init)
         return encoder.train()
@@ -37,9 +58,7 @@ def build_round_encoder(cfg: Config, pretrained: str | None = None, init: str | 
         if getattr(backbone, "masked_spec_embed", None) is not None:
             backbone.masked_spec_embed.requires_grad_(False)
         return encoder
-    from raysv.models.ecapa import ECAPAEncoder
-
-    return ECAPAEncoder(**asdict(m.ecapa))
+    return ECAPAEncoder.from_config(m.ecapa)
 
 
 def backbone_parameters(encoder: nn.Module, from_checkpoint: bool = False) -> list[nn.Parameter]:

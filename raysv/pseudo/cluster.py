@@ -1,4 +1,4 @@
-"""Pseudo speaker labels: spherical k-means of the embeddings, then Ward clustering of the k-means centroids.
+"""Pseudo speaker labels: k-means of the embeddings, then Ward clustering of the k-means centroids.
 
 k-means with many centroids (k1) over-segments speakers into pure groups; Ward
 merges of those centroids (k1 -> k2) then join groups of the same speaker,
@@ -10,24 +10,36 @@ distance matrix of a dense linkage (50,000 centroids: ~100 MB instead of ~10 GB)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 
-from raysv.pseudo.embeddings import read_embeddings
-from raysv.pseudo.labels import write_labels
+from raysv.config import ConfigError, check_positive
 
 log = logging.getLogger(__name__)
 
-CLUSTERS_FILE = "clusters.json"
+
+@dataclass
+class ClusterConfig:
+    """``cluster``: k-means into ``k1`` groups, then Ward clustering of the centroids into ``k2``."""
+
+    k1: int = 50000
+    k2: int | None = 7500
+    min_cluster_size: int = 0
+    niter: int = 20
+    seed: int = 0
+
+    def validate(self, prefix: str = "cluster") -> None:
+        check_positive(f"{prefix}.k1", self.k1)
+        check_positive(f"{prefix}.k2", self.k2)
+        if self.k2 is not None and self.k2 >= self.k1:
+            raise ConfigError(f"{prefix}.k2 ({self.k2}) must be smaller than {prefix}.k1 ({self.k1})")
 
 # faiss trains k-means on at most ``k * max_points_per_centroid`` points and
 # silently subsamples the rest (its default, 256 per centroid, would train on
@@ -253,7 +265,7 @@ def _finalise(raw: np.ndarray, min_cluster_size: int) -> np.ndarray:
     return mapping[inverse.reshape(-1)]
 
 
-def _check_settings(n: int, k1: int, k2: int | None, min_cluster_size: int, niter: int) -> None:
+def check_settings(n: int, k1: int, k2: int | None, min_cluster_size: int, niter: int) -> None:
     """Cheap checks of the clustering settings against ``n`` utterances, before any work."""
     _check_k(k1, n)
     if k2 is not None:
@@ -288,7 +300,7 @@ def cluster_embeddings(
     -1; the rest are numbered 0..C-1, largest first, ties by first row.
     """
     arr = _as_matrix(embeddings)
-    _check_settings(arr.shape[0], k1, k2, min_cluster_size, niter)
+    check_settings(arr.shape[0], k1, k2, min_cluster_size, niter)
     t0 = time.perf_counter()
     centroids, assignment = spherical_kmeans(arr, k1, niter=niter, seed=seed, use_gpu=use_gpu)
     t1 = time.perf_counter()
@@ -302,198 +314,3 @@ def cluster_embeddings(
         arr.shape[0], arr.shape[1], k1, t1 - t0, k2, time.perf_counter() - t1,
     )
     return labels
-
-
-def _size_histogram(sizes: np.ndarray) -> dict[str, int]:
-    """Cluster counts per power-of-two size bin ("1", "2-3", "4-7", ...)."""
-    hist: dict[str, int] = {}
-    if sizes.size == 0:
-        return hist
-    top = int(sizes.max())
-    lo = 1
-    while lo <= top:
-        hi = 2 * lo - 1
-        count = int(((sizes >= lo) & (sizes <= hi)).sum())
-        hist[str(lo) if lo == hi else f"{lo}-{hi}"] = count
-        lo *= 2
-    return hist
-
-
-def _known_mask(speakers: np.ndarray) -> np.ndarray:
-    """True where a speaker is given (not None, NaN or empty)."""
-    return np.fromiter(
-        (s is not None and s == s and s != "" for s in speakers), dtype=bool, count=len(speakers)
-    )
-
-
-def cluster_diagnostics(labels: np.ndarray, speakers: list[str] | np.ndarray | None = None) -> dict[str, Any]:
-    """How the clustering looks: sizes, dropped count, and (speakers known) NMI/ARI/purity.
-
-    NMI, ARI and purity are computed over kept utterances (label >= 0) whose
-    speaker is known; speakers only score labels, they never make them.
-    """
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-    from sklearn.metrics.cluster import contingency_matrix
-
-    lab = np.asarray(labels)
-    if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got shape {lab.shape} and dtype {lab.dtype}")
-    kept = lab >= 0
-    counts = np.bincount(lab[kept]) if kept.any() else np.zeros(0, dtype=np.int64)
-    sizes = counts[counts > 0]
-    out: dict[str, Any] = {
-        "num_utterances": int(len(lab)),
-        "num_clusters": int(len(sizes)),
-        "dropped": int((~kept).sum()),
-        "size_min": int(sizes.min()) if sizes.size else 0,
-        "size_median": float(np.median(sizes)) if sizes.size else 0.0,
-        "size_mean": float(sizes.mean()) if sizes.size else 0.0,
-        "size_max": int(sizes.max()) if sizes.size else 0,
-        "size_histogram": _size_histogram(sizes),
-        "sizes": counts.astype(int).tolist(),
-    }
-    if speakers is None:
-        return out
-    spk = np.asarray(speakers, dtype=object)
-    if spk.shape != lab.shape:
-        raise ValueError(f"speakers has {spk.shape[0] if spk.ndim else 0} entries but labels has {len(lab)}")
-    known = _known_mask(spk)
-    scored = kept & known
-    out["speakers_known"] = int(known.sum())
-    if not scored.any():
-        return out
-    _, spk_codes = np.unique(spk[scored].astype(str), return_inverse=True)
-    spk_codes = spk_codes.reshape(-1)
-    lab_s = lab[scored]
-    table = contingency_matrix(spk_codes, lab_s, sparse=True)
-    out.update(
-        {
-            "scored": int(scored.sum()),
-            "num_speakers": int(spk_codes.max()) + 1,
-            "nmi": float(normalized_mutual_info_score(spk_codes, lab_s)),
-            "ari": float(adjusted_rand_score(spk_codes, lab_s)),
-            "purity": float(table.max(axis=0).sum() / scored.sum()),
-        }
-    )
-    return out
-
-
-def _manifest_speakers(manifest: str | Path, utt_index: np.ndarray) -> np.ndarray | None:
-    """Speakers (object array, None = unknown) aligned to ``utt_index`` from ``manifest.parquet`` (file or its folder)."""
-    import pyarrow.parquet as pq
-
-    path = Path(manifest)
-    if path.is_dir():
-        path = path / "manifest.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
-    names = pq.read_schema(path).names
-    if "utt_index" not in names:
-        raise ValueError(f"manifest {path} has no 'utt_index' column")
-    if "speaker" not in names:
-        log.info("manifest %s has no 'speaker' column; skipping NMI/ARI/purity", path)
-        return None
-    table = pq.read_table(path, columns=["utt_index", "speaker"])
-    m_idx = table.column("utt_index").to_numpy().astype(np.int64, copy=False)
-    m_spk = np.asarray(table.column("speaker").to_numpy(zero_copy_only=False), dtype=object)
-    order = np.argsort(m_idx, kind="stable")
-    m_idx, m_spk = m_idx[order], m_spk[order]
-    pos = np.searchsorted(m_idx, utt_index)
-    pos_c = np.minimum(pos, len(m_idx) - 1)
-    found = (pos < len(m_idx)) & (m_idx[pos_c] == utt_index) if len(m_idx) else np.zeros(len(utt_index), bool)
-    if not found.all():
-        missing = utt_index[~found]
-        raise ValueError(
-            f"manifest {path} lacks {len(missing)} utt_index values present in the embeddings, "
-            f"e.g. {missing[:5].tolist()}"
-        )
-    return m_spk[pos_c]
-
-
-class _Clusterer:
-    """Ray actor body: clusters on whatever device Ray gave it, with all the node's cores for faiss."""
-
-    def cluster(
-        self,
-        embeddings: np.ndarray,
-        k1: int,
-        k2: int | None,
-        min_cluster_size: int,
-        niter: int,
-        seed: int,
-        use_gpu: bool | None,
-    ) -> np.ndarray:
-        faiss = import_faiss()
-
-        # Ray sets OMP_NUM_THREADS to the actor's 1 logical CPU; the clustering
-        # stage runs alone, so faiss may use every core of the node.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        faiss.omp_set_num_threads(max(1, cores))
-        return cluster_embeddings(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu)
-
-
-def run_clustering(
-    embeddings: str | Path,
-    out: str | Path,
-    k1: int,
-    k2: int | None = None,
-    min_cluster_size: int = 0,
-    niter: int = 20,
-    seed: int = 0,
-    manifest: str | Path | None = None,
-    use_gpu: bool | None = None,
-) -> dict[str, Any]:
-    """The clustering stage: embeddings -> ``out/labels.parquet`` + ``out/clusters.json`` (written last, the marker).
-
-    The clustering itself runs in a Ray actor (a GPU one when the cluster has
-    GPUs and ``use_gpu`` is not False). Returns the contents of ``clusters.json``.
-    """
-    import ray
-
-    t0 = time.perf_counter()
-    out = Path(out)
-    marker = out / CLUSTERS_FILE
-    if marker.exists():
-        marker.unlink()
-    utt_index, x = read_embeddings(embeddings)
-    _check_settings(len(utt_index), k1, k2, min_cluster_size, niter)
-    speakers = _manifest_speakers(manifest, utt_index) if manifest is not None else None
-
-    if not ray.is_initialized():
-        ray.init()
-    ray_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    if use_gpu is True and not ray_gpus:
-        log.warning("use_gpu=True but the Ray cluster has no GPU; clustering on CPU")
-    on_gpu = ray_gpus and use_gpu is not False
-    actor = ray.remote(_Clusterer).options(num_cpus=1, num_gpus=1 if on_gpu else 0).remote()
-    try:
-        labels = ray.get(
-            actor.cluster.remote(
-                ray.put(x), k1, k2, min_cluster_size, niter, seed, use_gpu if on_gpu else False
-            )
-        )
-    finally:
-        ray.kill(actor)
-
-    write_labels(out, utt_index, labels)
-    info: dict[str, Any] = {
-        "k1": int(k1),
-        "k2": None if k2 is None else int(k2),
-        "min_cluster_size": int(min_cluster_size),
-        "niter": int(niter),
-        "seed": int(seed),
-        "dim": int(x.shape[1]),
-        "gpu": bool(on_gpu),
-        "embeddings": str(embeddings),
-        "manifest": None if manifest is None else str(manifest),
-    }
-    info.update(cluster_diagnostics(labels, speakers))
-    info["seconds"] = round(time.perf_counter() - t0, 3)
-    marker.write_text(json.dumps(info, indent=1) + "\n")
-    log.info(
-        "clustering: %d utterances -> %d clusters (k1=%d, k2=%s), %d dropped%s, %.1fs",
-        info["num_utterances"], info["num_clusters"], k1, k2, info["dropped"],
-        f", NMI {info['nmi']:.3f} ARI {info['ari']:.3f} purity {info['purity']:.3f}" if "nmi" in info else "",
-        info["seconds"],
-    )
-    return info

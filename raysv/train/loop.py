@@ -22,28 +22,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from raysv.config import Config, config_from_dict
+from raysv.artifacts.checkpoint import load_training_state, save_model, save_training_state
+from raysv.methods import build_method
 from raysv.methods.base import Method
-from raysv.train.checkpoint import load_training_state, save_model, save_training_state
 
 log = logging.getLogger("raysv.train")
-
-
-def build_method(name: str, cfg: Config, args: dict[str, Any]) -> Method:
-    """The training method by name; ``args`` carries what the driver computed (steps, labels)."""
-    if name == "dino":
-        from raysv.methods.dino import DinoMethod
-
-        return DinoMethod(cfg, steps_per_epoch=args["steps_per_epoch"])
-    if name == "supervised":
-        from raysv.methods.supervised import SupervisedMethod
-
-        return SupervisedMethod(cfg, **args)
-    if name == "simclr":
-        from raysv.methods.simclr import SimclrMethod
-
-        return SimclrMethod(cfg, **args)
-    raise ValueError(f"unknown training method {name!r} (dino, supervised, simclr)")
 
 
 def rng_state() -> dict[str, Any]:
@@ -128,9 +111,9 @@ def dev_eer(encoder: torch.nn.Module, dev: dict[str, Any], device: torch.device)
     """
     from raysv.audio.io import read_audio
     from raysv.data.trials import read_trials, resolve_trial_audio
+    from raysv.embedding.core import utterance_embedding
     from raysv.evaluation.metrics import compute_eer
     from raysv.evaluation.scoring import score_trials
-    from raysv.pseudo.extract import utterance_embedding
 
     trials = read_trials(dev["path"])
     files = resolve_trial_audio(trials, dev["audio_root"])
@@ -169,16 +152,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from raysv.tracking import StageLogger
 
-    cfg = config_from_dict(config["cfg"])
-    method = build_method(config["method"], cfg, config.get("method_args", {}))
+    settings = config["settings"]
+    method = build_method(config["method"], config["section"], settings["seed"], config.get("method_args", {}))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         # The worker holds cpus_per_worker logical CPUs; let torch's intra-op pool use them
         # (the worker process starts with one thread).
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    torch.manual_seed(cfg.seed + rank)
+        torch.set_num_threads(max(1, int(settings["ray"]["cpus_per_worker"])))
+    torch.manual_seed(settings["seed"] + rank)
     method.setup(device, ray.train.torch.prepare_model)
 
     start_epoch = 0
@@ -201,8 +184,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return shard.iter_torch_batches(
             batch_size=per_worker,
             drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=settings["shuffle_buffer"] or None,
+            prefetch_batches=settings["prefetch_batches"],
             device=device,
         )
 

@@ -1,0 +1,127 @@
+"""Scoring a model on every trial list of the config (and the dev list), with its decision threshold."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raysv.artifacts.checkpoint import read_model_json, write_model_json
+from raysv.artifacts.embeddings import read_embeddings
+from raysv.artifacts.jsonio import write_json
+from raysv.artifacts.layout import MARKER
+from raysv.config import to_dict
+from raysv.data.trials import read_trials, resolve_trial_audio
+from raysv.embedding.pool import EMBEDDINGS_FILE, embed_files
+from raysv.evaluation.evaluate import evaluate_trials
+from raysv.run_config import Config
+from raysv.stages.base import StageContext, StageKind, StageResult
+from raysv.stages.extract import extract
+
+METRICS = ("eer", "min_dcf_0.01", "min_dcf_0.05")
+
+
+def evaluate_checkpoint(
+    cfg: Config,
+    checkpoint: str | Path,
+    *,
+    plots_dir: str | Path | None = None,
+    cohort: np.ndarray | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every trial list of the config (and the dev list), scored with the checkpoint.
+
+    The decision threshold is set on the dev list when there is one, otherwise on
+    the first test list, and stored in the checkpoint's ``model.json``.
+    """
+    lists = dict(cfg.data.trials)
+    if cfg.data.dev_trials is not None:
+        lists = {"dev": cfg.data.dev_trials, **lists}
+    if not lists:
+        raise ValueError("data.trials is empty: name at least one trial list to evaluate on")
+    top_n = cfg.eval.asnorm.top_n if cohort is not None else None
+    # One pass of the actor pool embeds the audio of every list (a pass costs seconds to start).
+    files = {name: resolve_trial_audio(read_trials(t.path), t.audio_root) for name, t in lists.items()}
+    started = time.perf_counter()
+    by_path = embed_files(
+        checkpoint,
+        {str(p): p for per_list in files.values() for p in per_list.values()},
+        crops=cfg.eval.crops,
+        crop_seconds=cfg.eval.crop_seconds,
+        max_seconds=cfg.eval.max_seconds,
+        seed=cfg.eval.seed,
+    )
+    embed_seconds = round(time.perf_counter() - started, 3)
+    results: dict[str, dict[str, Any]] = {}
+    threshold = None
+    for name, trial_list in lists.items():
+        plots = Path(plots_dir) / name if plots_dir else None
+        metrics = evaluate_trials(
+            trial_list.path,
+            trial_list.audio_root,
+            checkpoint=checkpoint,
+            cohort=cohort,
+            top_n=top_n,
+            plots_dir=plots,
+            threshold=threshold,
+            embeddings={utt: by_path[str(p)] for utt, p in files[name].items()},
+        )
+        metrics["embed_seconds"] = embed_seconds  # of the shared pass over all lists
+        if threshold is None:
+            threshold = float(metrics["threshold"])
+        results[name] = metrics
+    meta = read_model_json(checkpoint)
+    meta["threshold"] = threshold
+    meta["threshold_from"] = next(iter(lists))
+    meta["eval"] = {
+        "crops": cfg.eval.crops,
+        "crop_seconds": cfg.eval.crop_seconds,
+        "max_seconds": cfg.eval.max_seconds,
+        "seed": cfg.eval.seed,
+    }
+    if cohort is not None and top_n:
+        np.save(Path(checkpoint) / "cohort.npy", cohort.astype(np.float32))
+        meta["cohort"] = "cohort.npy"
+        meta["asnorm_top_n"] = int(top_n)
+    write_model_json(checkpoint, meta)
+    return results
+
+
+class EvalStage(StageKind):
+    name = "eval"
+
+    def config_slice(self, cfg: Config) -> dict[str, Any]:
+        return {"eval": to_dict(cfg.eval), "trials": to_dict(cfg.data.trials), "dev_trials": to_dict(cfg.data.dev_trials)}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        model = ctx.layout.model(ctx.stage.model)
+        per_list = evaluate_checkpoint(ctx.cfg, model, plots_dir=ctx.folder, cohort=self._cohort(ctx))
+        write_json(ctx.folder / "metrics.json", per_list)
+        tag = ctx.stage.model.replace("/", ".")
+        return StageResult(metrics={"trials": per_list}, artifacts=[ctx.folder],
+                           parent_metrics={f"{tag}.{name}.eer": m["eer"] for name, m in per_list.items()})
+
+    @staticmethod
+    def _cohort(ctx: StageContext) -> np.ndarray | None:
+        """Training embeddings of the evaluated model, for AS-norm (None when AS-norm is off)."""
+        cfg = ctx.cfg
+        if cfg.eval.asnorm.top_n is None:
+            return None
+        stage = ctx.stage
+        folder = ctx.layout.stage(f"{stage.model.split('/')[0]}/extract")
+        if stage.model.endswith("/lmft") or not (folder / MARKER).is_file():
+            folder = ctx.layout.cohort(stage.id)
+            if not (folder / EMBEDDINGS_FILE).is_file():
+                extract(cfg, ctx.layout.model(stage.model), folder)
+        _, emb = read_embeddings(folder / EMBEDDINGS_FILE)
+        rng = np.random.default_rng(cfg.eval.seed)
+        take = min(cfg.eval.asnorm.cohort_size, len(emb))
+        return emb[np.sort(rng.choice(len(emb), take, replace=False))]
+
+    def summarise(self, row: dict[str, Any], metrics: dict[str, Any]) -> None:
+        trials = metrics["trials"]
+        tests = {k: v for k, v in trials.items() if k != "dev"}
+        row["trials"] = {name: {k: v[k] for k in METRICS} for name, v in trials.items()}
+        first = next(iter(tests.values()), None) or next(iter(trials.values()))
+        row.update({k: first[k] for k in METRICS})

@@ -1,0 +1,114 @@
+"""Rounds >= 1: the round model fine-tuned on pseudo-labels; and the last, large-margin fine-tune."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raysv.artifacts.checkpoint import load_training_state
+from raysv.artifacts.labels import read_labels, write_labels
+from raysv.config import to_dict
+from raysv.data.pipelines import check_augment, label_table, supervised_dataset
+from raysv.run_config import Config
+from raysv.runtime import ensure_ray
+from raysv.stages.base import (
+    StageContext,
+    StageKind,
+    StageResult,
+    data_slice,
+    pretrained_backbone,
+    steps_per_epoch,
+    train_settings,
+)
+from raysv.train.trainer import fit
+
+log = logging.getLogger("raysv")
+
+
+def finetune(
+    cfg: Config,
+    labels: str | Path,
+    out: str | Path,
+    *,
+    init: str | Path | None = None,
+    large_margin: bool = False,
+    run_name: str | None = None,
+    mlflow: dict | None = None,
+    **kw,
+) -> Path:
+    """The round model fine-tuned with AAM-softmax on ``labels`` (the ``lmft`` settings with ``large_margin``).
+
+    The labels it ends with (after label correction) are written beside the model
+    as ``labels.parquet``.
+    """
+    ensure_ray(cfg.ray)
+    check_augment(cfg.data.augment)
+    m = cfg.finetune.model
+    if init is None and m.kind == "ecapa" and m.ecapa_init == "dino":
+        raise ValueError("finetune.model.ecapa_init is 'dino': give the DINO checkpoint as the init model")
+    section = cfg.lmft.finetune_section(cfg.finetune) if large_margin else cfg.finetune
+    utt_index, values = read_labels(labels)
+    table = label_table(utt_index, values)
+    rows = int((values >= 0).sum())
+    steps = steps_per_epoch(rows, section.batch_size, cfg.ray.num_workers)
+    dataset = supervised_dataset(cfg.data, table, section.crop_seconds, with_clean=section.label_correction.enabled)
+    args = {
+        "steps_per_epoch": steps,
+        "labels": str(Path(labels).resolve()),
+        "init": str(Path(init).resolve()) if init else None,
+        "init_classifier": large_margin,
+        "pretrained": pretrained_backbone(cfg),
+    }
+    settings = train_settings(cfg, run_name or f"{cfg.name}-{'lmft' if large_margin else 'finetune'}")
+    log.info("fine-tune: %d labelled utterances, %d classes, %d steps/epoch", rows, int(values.max()) + 1, steps)
+    out = fit("supervised", section, dataset, out, settings, method_args=args, mlflow=mlflow, **kw)
+    final = load_training_state(out)["method"]["labels"].numpy()
+    kept = final >= 0
+    write_labels(out, np.nonzero(kept)[0], final[kept].astype(np.int32))
+    return out
+
+
+def finetune_init(rcfg: Config, round_index: int) -> Path | None:
+    """The checkpoint round ``round_index`` fine-tunes from; None: the pre-trained WavLM (or a fresh ECAPA).
+
+    ``rcfg`` is the round's config (``round_config``). ``finetune.init: previous`` continues
+    from the previous round's model (from round 2 on); otherwise every round restarts from
+    the round model's initial weights, which for an ECAPA with ``ecapa_init: dino`` is the
+    DINO encoder. Sweeps start their trials from the same checkpoint.
+    """
+    if rcfg.finetune.init == "previous" and round_index > 1:
+        return rcfg.layout.model(f"round_{round_index - 1}/finetune")
+    if rcfg.finetune.model.kind == "ecapa" and rcfg.finetune.model.ecapa_init == "dino":
+        return rcfg.layout.model("round_0/dino")
+    return None
+
+
+class FinetuneStage(StageKind):
+    name = "finetune"
+    trains = True
+
+    def config_slice(self, cfg: Config) -> dict[str, Any]:
+        return {"seed": cfg.seed, "data": data_slice(cfg), "finetune": to_dict(cfg.finetune)}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        r = ctx.stage.round
+        finetune(ctx.cfg, ctx.layout.labels(r - 1), ctx.layout.model(ctx.stage.id), init=finetune_init(ctx.cfg, r),
+                 run_name=ctx.train_name, mlflow=ctx.mlflow, fault=ctx.fault)
+        return StageResult()
+
+
+class LmftStage(StageKind):
+    name = "lmft"
+    trains = True
+
+    def config_slice(self, cfg: Config) -> dict[str, Any]:
+        return {"seed": cfg.seed, "data": data_slice(cfg), "finetune": to_dict(cfg.finetune), "lmft": to_dict(cfg.lmft)}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        source = ctx.layout.model(f"round_{ctx.stage.round}/finetune")
+        finetune(ctx.cfg, source / "labels.parquet", ctx.layout.model(ctx.stage.id), init=source, large_margin=True,
+                 run_name=ctx.train_name, mlflow=ctx.mlflow, fault=ctx.fault)
+        return StageResult()

@@ -1,0 +1,193 @@
+"""Pseudo-labels: k-means + Ward on synthetic speakers, file formats, and the Ray clustering stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.cluster.hierarchy import fcluster, linkage
+from sklearn.cluster import AgglomerativeClustering
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from raysv.artifacts.labels import num_classes
+from raysv.pseudo.cluster import (
+    _cut_first_merges,
+    _openblas_coretype,
+    cluster_embeddings,
+    spherical_kmeans,
+    ward_on_centroids,
+)
+from raysv.pseudo.diagnostics import cluster_diagnostics
+
+
+def speakers_data(
+    n_speakers: int = 40, per_speaker: int = 30, dim: int = 64, noise: float = 0.08, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Utterances scattered around one random unit vector per speaker."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_speakers, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    y = np.repeat(np.arange(n_speakers), per_speaker)
+    x = centres[y] + noise * rng.normal(size=(len(y), dim))
+    order = rng.permutation(len(y))
+    return x[order].astype(np.float32), y[order]
+
+
+# ---------------------------------------------------------------- clustering
+
+
+def test_kmeans_then_ward_recovers_speakers() -> None:
+    x, y = speakers_data()
+    labels = cluster_embeddings(x, k1=120, k2=40, seed=1)
+    assert labels.dtype == np.int32 and labels.shape == y.shape
+    nmi = normalized_mutual_info_score(y, labels)
+    assert nmi >= 0.95
+    assert set(np.unique(labels)) == set(range(40))
+    diag = cluster_diagnostics(labels, [f"spk{s}" for s in y])
+    assert diag["num_clusters"] == 40 and diag["dropped"] == 0
+    assert diag["nmi"] == pytest.approx(nmi)
+    assert diag["ari"] == pytest.approx(adjusted_rand_score(y, labels))
+    assert sum(diag["sizes"]) == len(y) and sum(diag["size_histogram"].values()) == 40
+
+
+def test_kmeans_uses_every_point() -> None:
+    # 3000 points, k=3: faiss' default would train on 768 of them. With every
+    # point used, each converged centroid is the normalised mean of all its members.
+    x, _ = speakers_data(n_speakers=3, per_speaker=1000, dim=16, noise=0.5, seed=3)
+    centroids, assign = spherical_kmeans(x, 3, niter=60, seed=0)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for c in range(3):
+        mean = xn[assign == c].mean(axis=0)
+        np.testing.assert_allclose(centroids[c], mean / np.linalg.norm(mean), atol=2e-5)
+    np.testing.assert_array_equal(assign, np.argmax(xn @ centroids.T, axis=1))
+
+
+@pytest.mark.parametrize("seed,n,k2", [(0, 60, 7), (1, 150, 20), (2, 300, 45), (3, 40, 2)])
+def test_ward_matches_dense_ward(seed: int, n: int, k2: int) -> None:
+    rng = np.random.default_rng(seed)
+    centroids = rng.normal(size=(n, 12)).astype(np.float32)
+    ours = ward_on_centroids(centroids, k2)
+    assert len(np.unique(ours)) == k2 and ours.min() == 0 and ours.max() == k2 - 1
+    dense = fcluster(linkage(centroids.astype(np.float64), method="ward"), k2, "maxclust")
+    assert adjusted_rand_score(dense, ours) == 1.0
+    sk = AgglomerativeClustering(n_clusters=k2, linkage="ward").fit_predict(centroids)
+    assert adjusted_rand_score(sk, ours) == 1.0
+
+
+def test_ward_with_tied_merges_gives_exactly_k2() -> None:
+    # Three identical pairs: every pair merges at the same height, so a height
+    # threshold cannot stop after one or two of them.
+    pts = np.array([[0, 0], [0, 1], [10, 0], [10, 1], [20, 0], [20, 1]], dtype=np.float64)
+    z = linkage(pts, method="ward")
+    assert len(np.unique(fcluster(z, 4, "maxclust"))) != 4
+    groups = ward_on_centroids(pts, 4)
+    assert len(np.unique(groups)) == 4
+    pairs = {frozenset(np.flatnonzero(groups == g)) for g in np.unique(groups)}
+    # each group is a whole pair or one point of a pair, never points of different pairs
+    for g in pairs:
+        assert len({int(pts[i, 0]) for i in g}) == 1
+
+
+def test_cut_first_merges_agrees_with_fcluster() -> None:
+    rng = np.random.default_rng(5)
+    pts = rng.normal(size=(80, 5))
+    z = linkage(pts, method="ward")
+    for k in (1, 2, 9, 33, 80):
+        assert adjusted_rand_score(fcluster(z, k, "maxclust"), _cut_first_merges(z, 80, k)) == 1.0
+
+
+def test_min_cluster_size_drops_small_clusters_and_renumbers() -> None:
+    rng = np.random.default_rng(7)
+    centres = np.eye(6, 32) * 1.0
+    sizes = [50, 3, 40, 2, 25, 4]
+    y = np.concatenate([np.full(s, i) for i, s in enumerate(sizes)])
+    x = (centres[y] + 0.02 * rng.normal(size=(len(y), 32))).astype(np.float32)
+    # k1 = N makes every point a centroid, so Ward alone decides, without k-means luck on tiny clusters
+    full = cluster_embeddings(x, k1=len(y), k2=6)
+    assert normalized_mutual_info_score(y, full) == pytest.approx(1.0)
+    assert np.bincount(full).tolist() == sorted(sizes, reverse=True)  # largest first
+    labels = cluster_embeddings(x, k1=len(y), k2=6, min_cluster_size=5)
+    assert (labels[np.isin(y, [1, 3, 5])] == -1).all()
+    assert sorted(np.unique(labels[labels >= 0]).tolist()) == [0, 1, 2]
+    assert num_classes(labels) == 3
+    # largest kept speaker is label 0, then 1, then 2
+    assert labels[y == 0][0] == 0 and labels[y == 2][0] == 1 and labels[y == 4][0] == 2
+    diag = cluster_diagnostics(labels, None)
+    assert diag["dropped"] == 9 and diag["num_clusters"] == 3 and diag["size_min"] == 25
+    assert "nmi" not in diag
+
+
+def test_labels_are_deterministic_for_a_seed() -> None:
+    x, _ = speakers_data(n_speakers=20, per_speaker=10, noise=0.3, seed=11)
+    a = cluster_embeddings(x, k1=50, k2=20, seed=4)
+    b = cluster_embeddings(x, k1=50, k2=20, seed=4)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    x, _ = speakers_data(n_speakers=4, per_speaker=5, dim=8)
+    with pytest.raises(ValueError, match=r"k1=21 is larger than the number of utterances \(20\)"):
+        cluster_embeddings(x, k1=21)
+    with pytest.raises(ValueError, match=r"k2=10 must be smaller than k1=10"):
+        cluster_embeddings(x, k1=10, k2=10)
+    with pytest.raises(ValueError, match=r"k1 must be >= 1"):
+        cluster_embeddings(x, k1=0)
+    with pytest.raises(ValueError, match=r"2-D"):
+        cluster_embeddings(x[0], k1=1)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    bad[7, 0] = np.inf
+    with pytest.raises(ValueError, match=r"2 rows with NaN or inf.*\[3, 7\]"):
+        cluster_embeddings(bad, k1=4)
+    zero = x.copy()
+    zero[5] = 0
+    with pytest.raises(ValueError, match=r"1 all-zero rows"):
+        cluster_embeddings(zero, k1=4)
+    with pytest.raises(ValueError, match=r"k2 must be between 1 and the number of centroids \(5\)"):
+        ward_on_centroids(x[:5], 6)
+
+
+def test_use_gpu_true_without_a_faiss_gpu_falls_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    from raysv.pseudo.cluster import import_faiss
+
+    if import_faiss().get_num_gpus() > 0:
+        pytest.skip("faiss sees a GPU here")
+    x, _ = speakers_data(n_speakers=5, per_speaker=10, dim=8)
+    with caplog.at_level("WARNING", logger="raysv.pseudo.cluster"):
+        on_true = cluster_embeddings(x, k1=5, use_gpu=True)
+    assert "faiss sees no GPU" in caplog.text
+    np.testing.assert_array_equal(on_true, cluster_embeddings(x, k1=5, use_gpu=False))
+
+
+def test_faiss_blas_uses_the_cpu_vector_kernels() -> None:
+    # faiss-cpu's bundled OpenBLAS falls back to SSE3 kernels on CPUs it does not know
+    expected = _openblas_coretype()
+    if expected is None or "OPENBLAS_CORETYPE" in os.environ:
+        pytest.skip("no AVX2/AVX-512 x86 CPU detected, or OPENBLAS_CORETYPE set by the user")
+    code = (
+        "import json, os\n"
+        "from raysv.pseudo.cluster import import_faiss\n"
+        "import_faiss()\n"
+        "from threadpoolctl import threadpool_info\n"
+        "print(json.dumps({'env': 'OPENBLAS_CORETYPE' in os.environ, 'blas': [(i['filepath'], "
+        "i.get('architecture')) for i in threadpool_info() if i['internal_api'] == 'openblas']}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    faiss_blas = [arch for path, arch in info["blas"] if "faiss" in path]
+    if not faiss_blas:
+        pytest.skip("this faiss build does not bundle OpenBLAS")
+    assert faiss_blas == [expected]
+    assert info["env"] is False  # set only around the import
+
+
+# ---------------------------------------------------------------- file formats
+
+
+# ---------------------------------------------------------------- Ray stage
+
+

@@ -1,0 +1,73 @@
+"""The clustering stage's work in a Ray actor: labels and clusters.json, and nothing left on error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import normalized_mutual_info_score
+from test_cluster import speakers_data  # tests/pseudo/test_cluster.py
+
+from raysv.artifacts.embeddings import write_embeddings
+from raysv.artifacts.labels import read_labels
+from raysv.pseudo.remote import run_clustering
+
+
+def test_run_clustering_in_ray_actor(tmp_path: Path, ray_session) -> None:
+    x, y = speakers_data(n_speakers=30, per_speaker=20, seed=2)
+    n = len(y)
+    utt_index = np.arange(n, dtype=np.int64)
+    emb_dir = tmp_path / "embeddings"
+    for part in range(3):
+        rows = utt_index[part::3]
+        write_embeddings(emb_dir / f"part-{part}.parquet", rows, x[rows])
+    speakers: list[str | None] = [f"id{s:03d}" for s in y]
+    speakers[0] = None  # an utterance without a known speaker is not scored
+    _write_manifest(tmp_path / "manifest.parquet", utt_index, speakers)
+    out = tmp_path / "cluster"
+    out.mkdir()
+    (out / "clusters.json").write_text("stale")
+
+    info = run_clustering(emb_dir, out, k1=90, k2=30, seed=0, manifest=tmp_path / "manifest.parquet")
+
+    got_idx, labels = read_labels(out)
+    np.testing.assert_array_equal(got_idx, utt_index)
+    assert normalized_mutual_info_score(y, labels) >= 0.95
+    saved = json.loads((out / "clusters.json").read_text())
+    assert saved == info
+    assert saved["k1"] == 90 and saved["k2"] == 30 and saved["min_cluster_size"] == 0
+    assert saved["num_clusters"] == 30 and sum(saved["sizes"]) == n
+    assert saved["scored"] == n - 1
+    expected = normalized_mutual_info_score(y[1:], labels[1:])
+    assert saved["nmi"] == pytest.approx(expected) and saved["nmi"] >= 0.95
+    assert 0.9 <= saved["purity"] <= 1.0 and "ari" in saved
+
+    # no manifest: no speaker figures
+    info2 = run_clustering(emb_dir, tmp_path / "c2", k1=30)
+    assert "nmi" not in info2 and info2["k2"] is None and info2["num_clusters"] <= 30
+
+
+def test_run_clustering_errors_leave_no_marker(tmp_path: Path, ray_session) -> None:
+    x, _ = speakers_data(n_speakers=3, per_speaker=5, dim=8)
+    x[4] = np.nan
+    write_embeddings(tmp_path / "e.parquet", np.arange(15), x)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="1 rows with NaN"):  # raised inside the actor
+        run_clustering(tmp_path / "e.parquet", out, k1=3)
+    assert not (out / "clusters.json").exists()
+    with pytest.raises(ValueError, match="k1=16 is larger"):
+        run_clustering(tmp_path / "e.parquet", out, k1=16)
+    _write_manifest(tmp_path / "m.parquet", np.arange(10), ["a"] * 10)
+    with pytest.raises(ValueError, match=r"m\.parquet lacks 5 utt_index"):
+        run_clustering(tmp_path / "e.parquet", out, k1=3, manifest=tmp_path / "m.parquet")
+
+
+def _write_manifest(path: Path, utt_index: np.ndarray, speakers: list[str | None]) -> None:
+    pq.write_table(
+        pa.table({"utt_index": pa.array(utt_index, pa.int64()), "speaker": pa.array(speakers, pa.string())}),
+        path,
+    )

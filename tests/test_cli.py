@@ -1,0 +1,23 @@
+"""The command line: subcommands end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from raysv.artifacts.labels import num_classes, read_labels
+
+
+def test_labels_command_writes_true_speakers(toy, tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "raysv.cli", "labels", "--shards", str(toy.shards),
+                          "--out", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    utt, labels = read_labels(tmp_path)
+    speakers = pq.read_table(toy.shards / "manifest.parquet").to_pydict()
+    by_utt = dict(zip(speakers["utt_index"], speakers["speaker"]))
+    assert sorted(utt.tolist()) == sorted(by_utt)
+    for u, lab in zip(utt, labels):  # one label per speaker, the same for all its utterances
+        assert (labels[[by_utt[int(v)] == by_utt[int(u)] for v in utt]] == lab).all()
+    assert num_classes(labels) == len(set(by_utt.values())) and "6 speakers" in out
