@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from raysv.artifacts.layout import MARKER
+from raysv.artifacts.jsonio import write_json
 from raysv.config import ConfigError, deep_merge
 from raysv.run_config import Config, config_from_dict, load_config, round_config
 from raysv.sweep.spec import SweepSpec, check_dev_trials, check_search_space, load_sweep, nested, plain
@@ -126,8 +126,8 @@ def run_sweep(config_path: str | Path, overrides: list[str] | None = None) -> di
     rcfg = round_config(cfg, r)
     check_dev_trials(rcfg)
     check_search_space(cfg, r, spec.search_space)
-    extract = cfg.run_dir / f"round_{r - 1}" / "extract"
-    if not (extract / MARKER).is_file():
+    extract = cfg.layout.stage(f"round_{r - 1}/extract")
+    if not cfg.layout.marker(f"round_{r - 1}/extract").is_file():
         raise FileNotFoundError(
             f"{extract} is not complete: run `raysv run --config {spec.config} --until round_{r - 1}/extract` first"
         )
@@ -137,13 +137,14 @@ def run_sweep(config_path: str | Path, overrides: list[str] | None = None) -> di
         raise ConfigError(f"the run config does not match run directory {cfg.run_dir}: {err}") from None
     max_t = spec.scheduler.max_t or rcfg.finetune.epochs
 
-    folder = (cfg.run_dir / "sweeps" / spec.name).resolve()
+    folder = cfg.layout.sweep(spec.name).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"sweep": dataclasses.asdict(spec), "run_overrides": run_overrides}
     saved = folder / "sweep.json"
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(settings)):
+    settings = json.loads(json.dumps(settings, default=str))
+    if saved.is_file() and json.loads(saved.read_text()) != settings:
         raise ConfigError(f"sweep {spec.name!r} already ran with other settings ({saved}); give it another name")
-    saved.write_text(json.dumps(settings, indent=2, default=str))
+    write_json(saved, settings)
 
     ensure_ray(cfg.ray)
     pretrained_backbone(rcfg)  # a tiny WavLM is built once here, not by concurrent trials
@@ -158,7 +159,7 @@ def run_sweep(config_path: str | Path, overrides: list[str] | None = None) -> di
     dev = dataclasses.asdict(rcfg.data.dev_trials)
     ctx = {
         "config": base, "round": r, "name": spec.name, "run": cfg.name, "parent": parent,
-        "folder": str(folder), "embeddings": str(extract.resolve() / "embeddings.parquet"),
+        "folder": str(folder), "embeddings": str(cfg.layout.embeddings(r - 1).resolve()),
         "dev": {"path": str(Path(dev["path"]).resolve()), "audio_root": str(Path(dev["audio_root"]).resolve()),
                 "max_seconds": rcfg.eval.max_seconds},
     }
@@ -214,7 +215,7 @@ def run_sweep(config_path: str | Path, overrides: list[str] | None = None) -> di
         "output": str(output), "trials": rows, "restart_from": changed[0] if changed else None,
         "minutes": (time.time() - started) / 60.0,
     }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(folder / "summary.json", json.loads(json.dumps(summary, default=str)))
     tracker.log_metrics(parent, {f"best.{spec.metric}": best[spec.metric], "trials": len(rows),
                                  "stopped": sum(r_["status"] == "stopped" for r_ in rows),
                                  "minutes": summary["minutes"]})
