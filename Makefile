@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: demo test venv clean
+.PHONY: demo demo-tube test venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,16 @@ demo: $(STAMP)
 	$(BIN)/raysv prepare --audio-root $(DEMO)/train/wav --out $(DEMO)/train_shards
 	$(BIN)/raysv evaluate --embedder fbank-mean --trials $(DEMO)/test/trials.txt --audio-root $(DEMO)/test/wav --json $(DEMO)/baseline.json
 	$(BIN)/raysv run --config configs/demo.yaml
+
+# The same method on the second kind of toy voice, 80 training speakers (a check, not the contract).
+TUBE := runs/tube-data
+demo-tube: $(STAMP)
+	test -f $(TUBE)/train/meta.csv || $(BIN)/raysv synth --style tube --out $(TUBE)/train --speakers 80 --sessions 3 --utterances 5 --min-seconds 3 --max-seconds 10 --trials 0 --seed 7 --jobs 2
+	test -f $(TUBE)/test/trials.txt || $(BIN)/raysv synth --style tube --out $(TUBE)/test --speakers 48 --sessions 3 --utterances 4 --min-seconds 3 --max-seconds 10 --speaker-offset 1000 --trials 6000 --seed 7 --jobs 2
+	test -f $(TUBE)/dev/trials.txt || $(BIN)/raysv synth --style tube --out $(TUBE)/dev --speakers 10 --sessions 3 --utterances 4 --min-seconds 3 --max-seconds 10 --speaker-offset 2000 --trials 1000 --seed 7 --jobs 2
+	$(BIN)/raysv prepare --audio-root $(TUBE)/train/wav --out $(TUBE)/train_shards
+	$(BIN)/raysv evaluate --embedder fbank-mean --trials $(TUBE)/test/trials.txt --audio-root $(TUBE)/test/wav --json $(TUBE)/baseline.json
+	$(BIN)/raysv run --config configs/demo.yaml --merge configs/demo_tube.yaml
 
 clean:
 	rm -rf runs

@@ -49,6 +49,7 @@ def cmd_synth(args) -> None:
         trials=args.trials,
         speaker_offset=args.speaker_offset,
         jobs=args.jobs,
+        style=args.style,
     )
     print(json.dumps(summary, indent=2, default=str))
 
@@ -71,6 +72,7 @@ def cmd_prepare(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from raysv.artifacts.jsonio import write_json
+    from raysv.embedding.core import TrialProtocol
     from raysv.evaluation.evaluate import evaluate_trials
     from raysv.stages.evaluate import evaluate_checkpoint
 
@@ -93,8 +95,8 @@ def cmd_evaluate(args) -> None:
         args.audio_root,
         embedder=args.embedder,
         checkpoint=args.checkpoint,
-        crops=args.crops,
-        crop_seconds=args.crop_seconds,
+        protocol=TrialProtocol(crops=args.crops, crop_seconds=args.crop_seconds, positions=args.crop_positions,
+                               fusion=args.fusion),
         plots_dir=args.plots,
     )
     _print_metrics(Path(args.trials).name, metrics)
@@ -144,6 +146,8 @@ def cmd_cluster(args) -> None:
         niter=args.niter,
         seed=args.seed,
         manifest=manifest,
+        metric=args.metric,
+        k2_factor=args.k2_factor,
     )
     print(json.dumps(diag, indent=2, default=float))
 
@@ -215,6 +219,15 @@ def cmd_sweep(args) -> None:
 # ---------------------------------------------------------------- parser
 
 
+def _k2(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysv",
@@ -235,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=4000, help="number of trials (half target)")
     p.add_argument("--speaker-offset", type=int, default=0, help="first global speaker number (disjoint voices)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--style", choices=("formant", "tube"), default="formant",
+                   help="formant: Rosenberg source, formant resonators; tube: KLGLOTT88 source, tube tract, codecs")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="audio files → Parquet shards (FLAC bytes + metadata), as Ray tasks")
@@ -252,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-root")
     p.add_argument("--embedder", default="fbank-mean", help="untrained baseline when no --checkpoint")
     p.add_argument("--checkpoint", help="a raysv model folder")
-    p.add_argument("--crops", type=int, default=0, help="random crops averaged with the whole utterance")
+    p.add_argument("--crops", type=int, default=0, help="crops scored beside the whole utterance")
+    p.add_argument("--crop-positions", choices=("even", "random"), default="even")
+    p.add_argument("--fusion", choices=("score", "embedding"), default="score",
+                   help="score: ½ mean of the crop cosines + ½ whole-file cosine; embedding: one averaged embedding")
     p.add_argument("--crop-seconds", type=float, default=4.0)
     p.add_argument("--plots", help="folder for the DET curve, score histogram and scores")
     p.add_argument("--json", help="write the metrics here")
@@ -276,13 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("cluster", help="pseudo-labels: spherical k-means (faiss) → Ward AHC of the centroids")
+    p = sub.add_parser("cluster", help="pseudo-labels: k-means (faiss) → Ward AHC of the centroids")
     p.add_argument("--embeddings", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--k1", type=int, required=True)
-    p.add_argument("--k2", type=int, default=None)
+    p.add_argument("--k2", type=_k2, default=None, help="a number, or auto (estimated from the embeddings)")
+    p.add_argument("--k2-factor", type=float, default=1.0, help="with --k2 auto: groups per estimated speaker")
     p.add_argument("--min-cluster-size", type=int, default=0)
     p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean",
+                   help="euclidean: k-means of the embeddings as they are (the reference); cosine: spherical")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", help="shards whose manifest gives true speakers for NMI/ARI/purity")
     p.add_argument("--manifest", help="manifest.parquet with true speakers (diagnostics only)")

@@ -1,9 +1,9 @@
 """Use a trained checkpoint: embed audio, score pairs, accept or reject.
 
-``load_model(folder)`` gives a :class:`SpeakerModel` that embeds exactly as trial
-evaluation does (whole utterance plus the random crops named in ``model.json``'s
-``"eval"`` settings) and scores with the same cosine / AS-norm, so the decision
-threshold stored by evaluation applies unchanged.
+``load_model(folder)`` gives a :class:`SpeakerModel`. ``embed`` is a file's whole-length
+unit embedding; ``score`` and ``verify`` follow the trial protocol the model was evaluated
+with (``model.json``'s ``"eval"``: crops, score fusion, AS-norm), so the decision threshold
+stored by evaluation applies unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from raysv.audio.io import SAMPLE_RATE, read_audio, resample
-from raysv.embedding.core import evaluation_embedding
+from raysv.embedding.core import TrialProtocol, fused_cohort, trial_embedding, utterance_embedding
 from raysv.evaluation.scoring import score_trials
 from raysv.models import load_encoder
 
@@ -38,10 +38,15 @@ class SpeakerModel:
         settings = self.meta.get("eval") or {}
         if not isinstance(settings, dict):
             raise ValueError(f"{self.folder}/model.json: 'eval' must be an object, got {settings!r}")
-        self.crops = int(settings.get("crops", 0))
-        self.crop_seconds = float(settings.get("crop_seconds", 4.0))
-        self.max_seconds = float(settings.get("max_seconds", DEFAULT_MAX_SECONDS))
-        self.seed = int(settings.get("seed", 0))
+        # Models evaluated before positions/fusion were recorded used random crops averaged into one embedding.
+        self.protocol = TrialProtocol(
+            crops=int(settings.get("crops", 0)),
+            crop_seconds=float(settings.get("crop_seconds", 4.0)),
+            max_seconds=float(settings.get("max_seconds", DEFAULT_MAX_SECONDS)),
+            positions=str(settings.get("positions", "random")),
+            fusion=str(settings.get("fusion", "embedding")),
+            seed=int(settings.get("seed", 0)),
+        )
         self.cohort: np.ndarray | None = None
         self.top_n: int | None = None
         cohort_name = self.meta.get("cohort")
@@ -74,23 +79,25 @@ class SpeakerModel:
         return resample(wave.astype(np.float32, copy=False), int(sample_rate), self.sample_rate)
 
     def embed(self, waveform_or_path: Audio, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-        """Unit-length (D,) embedding; ``sample_rate`` describes a waveform argument (files carry their own)."""
+        """Unit-length (D,) embedding of the whole file; ``sample_rate`` describes a waveform argument."""
         wave = self._wave(waveform_or_path, sample_rate)
-        return evaluation_embedding(
-            self.encoder,
-            wave,
-            crops=self.crops,
-            crop_seconds=self.crop_seconds,
-            max_seconds=self.max_seconds,
-            seed=self.seed,
-            device=self.device,
-            sample_rate=self.sample_rate,
-        )
+        return utterance_embedding(self.encoder, wave, self.protocol.max_seconds, self.device,
+                                   sample_rate=self.sample_rate)
+
+    def trial_vector(self, waveform_or_path: Audio, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        """What a file is scored by under the protocol the model was evaluated with (crops, fusion)."""
+        wave = self._wave(waveform_or_path, sample_rate)
+        return trial_embedding(self.encoder, wave, self.protocol, self.device, self.sample_rate)
 
     def score(self, a: Audio, b: Audio, sample_rate: int = SAMPLE_RATE) -> float:
-        """Cosine similarity of two utterances, AS-normalised when the checkpoint has a cohort."""
-        embeddings = {"a": self.embed(a, sample_rate), "b": self.embed(b, sample_rate)}
-        return float(score_trials(embeddings, ["a"], ["b"], cohort=self.cohort, top_n=self.top_n)[0])
+        """The trial score of two files as evaluation computed it: crops and fusion of ``model.json``'s
+        ``eval``, AS-normalised when the checkpoint has a cohort (the score its threshold belongs to)."""
+        vectors = {"a": self.trial_vector(a, sample_rate), "b": self.trial_vector(b, sample_rate)}
+        cohort = self.cohort
+        if cohort is not None and not self.protocol.cosine:
+            cohort = fused_cohort(cohort)
+        return float(score_trials(vectors, ["a"], ["b"], cohort=cohort, top_n=self.top_n,
+                                  cosine=self.protocol.cosine)[0])
 
     def verify(
         self, a: Audio, b: Audio, threshold: float | None = None, sample_rate: int = SAMPLE_RATE

@@ -24,6 +24,8 @@ from typing import Any
 
 from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.layout import RunLayout
+from raysv.artifacts.shards import manifest_columns
+from raysv.config import ConfigError
 from raysv.run_config import Config, config_from_dict, round_config
 from raysv.runtime import ensure_ray, storage_path
 from raysv.stages import KINDS, Stage, StageContext
@@ -54,14 +56,27 @@ def plan(cfg: Config) -> list[Stage]:
         stages += (after + evaluate) if asnorm else (evaluate + after)
     r = cfg.rounds.count
     if cfg.lmft.enabled:
-        stages.append(Stage(f"round_{r}/lmft", "lmft", r, f"round_{r}/lmft", settings_round=r))
+        stages.append(Stage(f"round_{r}/lmft", "lmft", r, f"round_{r}/lmft", settings_round=r,
+                            source=f"round_{r}/finetune"))
         stages.append(Stage(f"round_{r}/lmft_eval", "eval", r, f"round_{r}/lmft", settings_round=r))
+    if cfg.reference.supervised:  # the same model on the true speakers, with the last round's settings
+        stages.append(Stage("reference/finetune", "supervised", r, "reference/finetune", settings_round=r))
+        stages.append(Stage("reference/eval", "eval", r, "reference/finetune", settings_round=r))
+        if cfg.lmft.enabled:
+            stages.append(Stage("reference/lmft", "supervised_lmft", r, "reference/lmft", settings_round=r,
+                                source="reference/finetune"))
+            stages.append(Stage("reference/lmft_eval", "eval", r, "reference/lmft", settings_round=r))
     return stages
+
+
+def stage_settings(cfg: Config, stage: Stage) -> Config:
+    """The config a stage runs with: its round's overrides applied, then its kind's own changes."""
+    return KINDS[stage.kind].settings(round_config(cfg, stage.settings_round))
 
 
 def stage_config(cfg: Config, stage: Stage) -> dict[str, Any]:
     """The part of the config a stage's output depends on (its round's settings): a change here invalidates it."""
-    return json.loads(json.dumps(KINDS[stage.kind].config_slice(round_config(cfg, stage.settings_round))))
+    return json.loads(json.dumps(KINDS[stage.kind].config_slice(stage_settings(cfg, stage))))
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -140,6 +155,9 @@ def run_pipeline(
         for stage in stages[ids.index(restart_from):]:
             _reset_stage(cfg, stage, state)
     check_unchanged(cfg, stages, state)
+    if cfg.reference.supervised and "speaker" not in manifest_columns(cfg.data.shards):
+        raise ConfigError(f"reference.supervised: the shards in {cfg.data.shards} name no speakers; prepare them "
+                          "without --no-speakers, or turn the supervised reference off")
     write_json(layout.config, cfg.to_dict())
 
     tracker = Tracker(cfg.mlflow, cfg.runs)
@@ -186,7 +204,7 @@ def _run_stage(cfg: Config, stage: Stage, state: RunState, tracker, parent: str,
     child = tracker.start_run(stage.id, {"raysv.run": cfg.name, "raysv.stage": stage.id}, parent=parent, params=config)
     log.info("=== %s ===", stage.id)
     started = time.time()
-    ctx = StageContext(round_config(cfg, stage.settings_round), stage, layout,
+    ctx = StageContext(stage_settings(cfg, stage), stage, layout,
                        mlflow={"tracking_uri": tracker.uri, "run_id": child}, fault=fault)
     result = kind.run(ctx)
     metrics = result.metrics
@@ -229,7 +247,8 @@ def _short(flat: dict[str, float]) -> str:
 
 
 def summarise(cfg: Config, stages: list[Stage], state: RunState) -> dict[str, Any]:
-    """One row per model: its EER per trial list, the NMI of clustering its embeddings, minutes."""
+    """One row per model: its EER per trial list, the NMI of clustering its embeddings, minutes;
+    with the supervised reference, the ratio of the last self-supervised EER to its EER."""
     rows: dict[str, dict[str, Any]] = {}
     for stage in stages:
         entry = state.done(stage)
@@ -238,7 +257,14 @@ def summarise(cfg: Config, stages: list[Stage], state: RunState) -> dict[str, An
         row = rows.setdefault(stage.model, {"name": stage.model, "minutes": 0.0})
         row["minutes"] += entry["minutes"]
         KINDS[stage.kind].summarise(row, entry["metrics"])
-    return {"run": cfg.name, "stages": list(rows.values())}
+    results: dict[str, Any] = {"run": cfg.name, "stages": list(rows.values())}
+    evaluated = [r for r in rows.values() if r.get("eer") is not None]
+    ssl = [r for r in evaluated if not r["name"].startswith(("reference/", "baseline/"))]
+    supervised = [r for r in evaluated if r["name"].startswith("reference/")]
+    if ssl and supervised and supervised[-1]["eer"] > 0:
+        results["ratio"] = {"self_supervised": ssl[-1]["name"], "supervised": supervised[-1]["name"],
+                            "eer_ratio": ssl[-1]["eer"] / supervised[-1]["eer"]}
+    return results
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -248,12 +274,15 @@ def format_table(results: dict[str, Any]) -> str:
     def num(v: Any) -> str:
         return f"{v:6.3f}" if isinstance(v, (int, float)) else "     -"
 
-    lines = [f"{'stage':<22} {'EER %':>6} {'DCF.01':>6} {'NMI':>6} {'min':>6}"]
+    asnorm = any(row.get("eer_asnorm") is not None for row in results["stages"])
+    head = f"{'stage':<22} {'EER %':>6}" + (f" {'ASnorm':>6}" if asnorm else "")
+    lines = [head + f" {'DCF.01':>6} {'NMI':>6} {'min':>6}"]
     for row in results["stages"]:
-        lines.append(
-            f"{row['name']:<22} {pct(row.get('eer'))} {num(row.get('min_dcf_0.01'))} "
-            f"{num(row.get('nmi'))} {row['minutes']:6.1f}"
-        )
+        line = f"{row['name']:<22} {pct(row.get('eer'))}" + (f" {pct(row.get('eer_asnorm'))}" if asnorm else "")
+        lines.append(line + f" {num(row.get('min_dcf_0.01'))} {num(row.get('nmi'))} {row['minutes']:6.1f}")
+    ratio = results.get("ratio")
+    if ratio:
+        lines.append(f"EER {ratio['self_supervised']} / {ratio['supervised']} = {ratio['eer_ratio']:.2f}")
     return "\n".join(lines)
 
 
@@ -265,9 +294,12 @@ def _log_summary(cfg: Config, tracker, parent: str, results: dict[str, Any], fin
         path = plot_rounds(rows, cfg.layout.rounds_plot)
         tracker.log_artifact(parent, path)
     tracker.log_artifact(parent, cfg.layout.results)
-    if finished and rows:
-        tracker.log_artifact(parent, cfg.layout.model(rows[-1]["name"]), "final_model")
-        tracker.log_metrics(parent, {"final.eer": rows[-1]["eer"]})
+    ssl = [r for r in rows if not r["name"].startswith(("reference/", "baseline/"))]
+    if finished and ssl:
+        tracker.log_artifact(parent, cfg.layout.model(ssl[-1]["name"]), "final_model")
+        tracker.log_metrics(parent, {"final.eer": ssl[-1]["eer"]})
+    if results.get("ratio"):
+        tracker.log_metrics(parent, {"final.eer_ratio_to_supervised": results["ratio"]["eer_ratio"]})
     tracker.end_run(parent, status="FINISHED")
 
 

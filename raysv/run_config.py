@@ -34,6 +34,16 @@ class RoundsConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """``reference``: the supervised row a run's result is compared with (its headline is the ratio)."""
+
+    # Train the last round's model on the true speakers of the shards (gate and correction
+    # off, then the large-margin stage), evaluate it, and report last-stage EER / its EER.
+    supervised: bool = False
+    epochs: int | None = None  # the supervised fine-tune's epochs when they must differ (default: the round's)
+
+
+@dataclass
 class Config:
     name: str = "run"
     runs: str = "runs"
@@ -46,6 +56,7 @@ class Config:
     simclr: SimclrConfig = field(default_factory=SimclrConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     lmft: LmftConfig = field(default_factory=LmftConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -107,6 +118,9 @@ def validate(cfg: Config) -> None:
     cfg.cluster.validate("cluster")
     cfg.finetune.validate("finetune")
     cfg.simclr.validate("simclr")
+    cfg.eval.validate("eval")
+    if cfg.reference.epochs is not None and cfg.reference.epochs < 1:
+        raise ConfigError(f"reference.epochs: must be positive, got {cfg.reference.epochs}")
     if cfg.rounds.count < 0:
         raise ConfigError(f"rounds.count: must be >= 0, got {cfg.rounds.count}")
     base = to_dict(cfg)

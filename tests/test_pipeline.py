@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_overrides
@@ -85,15 +86,28 @@ def test_resume_after_sigkill(one_round):
 
 
 def test_full_run_writes_every_stage(one_round):
+    from raysv.artifacts.checkpoint import load_training_state
+
     cfg, results, _ = one_round
     state = json.loads((cfg.run_dir / "state.json").read_text())
     assert set(state["stages"]) == {s.id for s in plan(cfg)}
     for stage in plan(cfg):
         assert (cfg.run_dir / stage.id / "_complete.json").is_file()
     names = [row["name"] for row in results["stages"]]
-    assert names == ["round_0/dino", "baseline/simclr", "round_1/finetune", "round_1/lmft"]
+    assert names == ["round_0/dino", "baseline/simclr", "round_1/finetune", "round_1/lmft",
+                     "reference/finetune", "reference/lmft"]
     for row in results["stages"]:
         assert 0.0 <= row["eer"] <= 1.0 and "toy" in row["trials"] and "dev" in row["trials"]
+    # The supervised reference: true speakers, gate and correction off, and the headline ratio.
+    rows = {row["name"]: row for row in results["stages"]}
+    ratio = results["ratio"]
+    assert (ratio["self_supervised"], ratio["supervised"]) == ("round_1/lmft", "reference/lmft")
+    assert ratio["eer_ratio"] == pytest.approx(rows["round_1/lmft"]["eer"] / rows["reference/lmft"]["eer"])
+    true = pq.read_table(cfg.run_dir / "reference/finetune/true_labels/labels.parquet")
+    assert len(set(true.column("label").to_pylist())) == 6  # the toy corpus's 6 training speakers
+    reference_history = load_training_state(cfg.run_dir / "reference/finetune/model")["history"]
+    assert all(h["dropped"] == 0 and h["corrected"] == 0 for h in reference_history)
+    assert len(reference_history) == cfg.finetune.epochs
     assert 0.0 <= results["stages"][0]["nmi"] <= 1.0
     saved = json.loads((cfg.run_dir / "results.json").read_text())
     assert saved["stages"][0]["eer"] == pytest.approx(results["stages"][0]["eer"])
@@ -176,9 +190,8 @@ def test_verify_ranks_and_decides(toy, tmp_path):
     from raysv.evaluation.evaluate import evaluate_trials
 
     name, trial_list = next(iter(quick.data.trials.items()))
-    alone = evaluate_trials(trial_list.path, trial_list.audio_root, checkpoint=checkpoint, crops=quick.eval.crops,
-                            crop_seconds=quick.eval.crop_seconds, max_seconds=quick.eval.max_seconds,
-                            seed=quick.eval.seed)
+    alone = evaluate_trials(trial_list.path, trial_list.audio_root, checkpoint=checkpoint,
+                            protocol=quick.eval.protocol())
     assert set(results) == {"dev", name}
     assert results[name]["eer"] == pytest.approx(alone["eer"], abs=1e-6)
     assert results[name]["min_dcf_0.01"] == pytest.approx(alone["min_dcf_0.01"], abs=1e-6)

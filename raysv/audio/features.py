@@ -14,16 +14,21 @@ LOG_FLOOR = 1e-6
 class Fbank(torch.nn.Module):
     """80-d log-mel fbank: 25 ms Hamming window, 10 ms hop, 512-point FFT, log(x + 1e-6).
 
-    With ``mean_norm`` each frequency's mean over time is subtracted per utterance
-    (the normalisation the encoders use; the ``fbank-mean`` baseline does not).
-    Input ``(B, samples)`` float waveform, output ``(B, n_mels, frames)``.
+    ``norm`` per utterance and frequency over time: ``mean`` subtracts the mean, ``mean_std``
+    also divides by the standard deviation (sslsv's InstanceNorm1d), ``none`` leaves the
+    log energies (the ``fbank-mean`` baseline). Input ``(B, samples)`` float waveform,
+    output ``(B, n_mels, frames)``.
     """
 
-    def __init__(self, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, mean_norm: bool = False):
+    NORMS = ("none", "mean", "mean_std")
+
+    def __init__(self, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, norm: str = "none"):
         super().__init__()
+        if norm not in self.NORMS:
+            raise ValueError(f"fbank norm must be one of {', '.join(self.NORMS)}, got {norm!r}")
         self.n_mels = n_mels
         self.sample_rate = sample_rate
-        self.mean_norm = mean_norm
+        self.norm = norm
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate,
             n_fft=512,
@@ -42,6 +47,8 @@ class Fbank(torch.nn.Module):
             wave = wave.unsqueeze(0)
         with torch.autocast(device_type=wave.device.type, enabled=False):
             feats = torch.log(self.mel(wave.float()) + LOG_FLOOR)
-        if self.mean_norm:
+        if self.norm != "none":
             feats = feats - feats.mean(dim=-1, keepdim=True)
+        if self.norm == "mean_std":
+            feats = feats / torch.sqrt(feats.pow(2).mean(dim=-1, keepdim=True) + 1e-5)
         return feats

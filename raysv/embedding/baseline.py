@@ -18,7 +18,7 @@ _FBANKS: dict[int, Fbank] = {}
 
 def _fbank(sample_rate: int) -> Fbank:
     if sample_rate not in _FBANKS:
-        _FBANKS[sample_rate] = Fbank(n_mels=80, sample_rate=sample_rate, mean_norm=False).eval()
+        _FBANKS[sample_rate] = Fbank(n_mels=80, sample_rate=sample_rate, norm="none").eval()
     return _FBANKS[sample_rate]
 
 

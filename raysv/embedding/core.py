@@ -11,6 +11,7 @@ import math
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +23,29 @@ MIN_CHUNK_SECONDS = 1.0
 MAX_GROUP_BATCH = 64
 """Largest number of equal-length waveforms sent through the encoder at once (bounds memory for long files)."""
 _EPS = 1e-12
+
+
+@dataclass
+class TrialProtocol:
+    """How a file of a trial is embedded and two files scored (``eval`` in the config, ``model.json``).
+
+    The reference (wavlm_ssl_sv): 15 evenly spaced 4 s crops besides the whole file, and a
+    trial's score ½ · mean of the 15 × 15 crop cosines + ½ · cosine of the whole files
+    (``fusion: score``). ``fusion: embedding`` averages the whole file's and the crops'
+    unit embeddings into one, scored by cosine.
+    """
+
+    crops: int = 15
+    crop_seconds: float = 4.0
+    max_seconds: float = 30.0
+    positions: str = "even"  # even | random
+    fusion: str = "score"  # score | embedding
+    seed: int = 0
+
+    @property
+    def cosine(self) -> bool:
+        """Whether trial vectors are scored by cosine (else by dot product: fused score vectors)."""
+        return self.fusion == "embedding" or self.crops == 0
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -86,11 +110,14 @@ def embed_equal_length(
     *,
     sample_rate: int = SAMPLE_RATE,
     max_batch: int = MAX_GROUP_BATCH,
+    normalize: bool = True,
 ) -> np.ndarray:
     """Unit-length embeddings ``(N, D)`` of ``waves``, batching only chunks of identical length.
 
     Each utterance is split by :func:`chunk_bounds`; every chunk's embedding is
     L2-normalised, an utterance's chunks are averaged and the mean re-normalised.
+    ``normalize=False`` gives the encoder's raw output instead (the mean of the raw chunk
+    embeddings), as the reference clusters.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -123,9 +150,12 @@ def embed_equal_length(
                 chunk_emb = np.empty((len(chunks), out.shape[1]), dtype=np.float32)
             chunk_emb[ids] = out
     assert chunk_emb is not None
-    chunk_emb = l2_normalize(chunk_emb)
+    if normalize:
+        chunk_emb = l2_normalize(chunk_emb)
     sums = np.zeros((len(waves), chunk_emb.shape[1]), dtype=np.float64)
     np.add.at(sums, np.asarray(owner), chunk_emb.astype(np.float64))
+    if not normalize:
+        return (sums / np.bincount(owner, minlength=len(waves))[:, None]).astype(np.float32)
     return l2_normalize(sums).astype(np.float32)
 
 
@@ -151,37 +181,6 @@ def crop_rng(seed: int, wave: np.ndarray) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(data.tobytes()), data.size])
 
 
-def multicrop_embedding(
-    embed_fn: Callable[[np.ndarray], np.ndarray],
-    wave: np.ndarray,
-    crops: int,
-    crop_samples: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Mean of the unit-length whole-utterance embedding and ``crops`` random-crop embeddings, re-normalised.
-
-    Short utterances are repeated up to ``crop_samples``; the crops go to
-    ``embed_fn`` as one (crops, crop_samples) float32 batch.
-    """
-    wave = np.asarray(wave, dtype=np.float32)
-    if wave.ndim != 1 or wave.size == 0:
-        raise ValueError(f"multicrop_embedding expects a non-empty 1-D wave, got shape {wave.shape}")
-    if crops < 0:
-        raise ValueError(f"crops must be >= 0, got {crops}")
-    parts = [_embed(embed_fn, wave[None, :])]
-    if crops > 0:
-        if crop_samples < 1:
-            raise ValueError(f"crop_samples must be >= 1, got {crop_samples}")
-        if wave.size >= crop_samples:
-            starts = rng.integers(0, wave.size - crop_samples + 1, size=crops)
-            parts.append(_embed(embed_fn, np.stack([wave[s : s + crop_samples] for s in starts])))
-        else:  # every crop is the same repeated utterance: embed it once
-            tiled = np.resize(wave, crop_samples)[None, :]
-            parts.append(np.repeat(_embed(embed_fn, tiled), crops, axis=0))
-    emb = np.concatenate([l2_normalize(p) for p in parts], axis=0)
-    return l2_normalize(emb.mean(axis=0))
-
-
 def _embed(embed_fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> np.ndarray:
     out = np.asarray(embed_fn(np.ascontiguousarray(batch, dtype=np.float32)), dtype=np.float32)
     if out.ndim != 2 or out.shape[0] != batch.shape[0]:
@@ -191,23 +190,67 @@ def _embed(embed_fn: Callable[[np.ndarray], np.ndarray], batch: np.ndarray) -> n
     return out
 
 
-def evaluation_embedding(
+def crop_starts(length: int, crop_samples: int, count: int, positions: str, rng: np.random.Generator) -> np.ndarray:
+    """Where ``count`` crops of ``crop_samples`` start in ``length`` samples: evenly spaced (first at 0,
+    last at the end, as ``numpy.linspace``) or uniformly at random."""
+    room = max(length - crop_samples, 0)
+    if positions == "even":
+        return np.linspace(0, room, num=count).round().astype(np.int64)
+    if positions == "random":
+        return rng.integers(0, room + 1, size=count)
+    raise ValueError(f"crop positions must be 'even' or 'random', got {positions!r}")
+
+
+def trial_vector(
+    embed_fn: Callable[[np.ndarray], np.ndarray], wave: np.ndarray, protocol: TrialProtocol,
+    sample_rate: int = SAMPLE_RATE,
+) -> np.ndarray:
+    """The vector a file is scored by under ``protocol`` (``embed_fn``: (B, samples) → (B, D)).
+
+    ``fusion: score`` gives ``[f, c̄] / √2`` (f the whole file's unit embedding, c̄ the mean of
+    the crops' unit embeddings), so the dot product of two files' vectors is exactly
+    ½ · f·f′ + ½ · mean over crop pairs of c·c′. ``fusion: embedding`` gives the unit mean of
+    f and the crops. With no crops both are f.
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim != 1 or wave.size == 0:
+        raise ValueError(f"a trial file must be a non-empty 1-D wave, got shape {wave.shape}")
+    if protocol.crops < 0:
+        raise ValueError(f"crops must be >= 0, got {protocol.crops}")
+    full = l2_normalize(_embed(embed_fn, wave[None, :]))[0]
+    if protocol.crops == 0:
+        return full.astype(np.float32)
+    crop_samples = max_samples(protocol.crop_seconds, sample_rate)
+    padded = wave if wave.size >= crop_samples else np.resize(wave, crop_samples)  # short files wrap around
+    if padded.size == crop_samples:  # every crop is the whole (wrapped) file: embed it once
+        crops = np.repeat(l2_normalize(_embed(embed_fn, padded[None, :])), protocol.crops, axis=0)
+    else:
+        starts = crop_starts(padded.size, crop_samples, protocol.crops, protocol.positions,
+                             crop_rng(protocol.seed, wave))
+        crops = l2_normalize(_embed(embed_fn, np.stack([padded[s : s + crop_samples] for s in starts])))
+    if protocol.fusion == "embedding":
+        return l2_normalize(np.concatenate([full[None], crops]).mean(axis=0)).astype(np.float32)
+    if protocol.fusion != "score":
+        raise ValueError(f"fusion must be 'score' or 'embedding', got {protocol.fusion!r}")
+    return (np.concatenate([full, crops.mean(axis=0)]) / math.sqrt(2.0)).astype(np.float32)
+
+
+def fused_cohort(cohort: np.ndarray) -> np.ndarray:
+    """Whole-file cohort embeddings in the ``fusion: score`` form, as if every crop agreed with its file."""
+    unit = l2_normalize(np.asarray(cohort, dtype=np.float32))
+    return (np.concatenate([unit, unit], axis=1) / math.sqrt(2.0)).astype(np.float32)
+
+
+def trial_embedding(
     encoder: torch.nn.Module,
     wave: np.ndarray,
-    *,
-    crops: int,
-    crop_seconds: float,
-    max_seconds: float,
-    seed: int,
+    protocol: TrialProtocol,
     device: str | torch.device,
     sample_rate: int = SAMPLE_RATE,
 ) -> np.ndarray:
-    """Mean of the whole-utterance embedding and ``crops`` random crops, re-normalised (the trial embedding)."""
-    if crops < 0:
-        raise ValueError(f"crops must be >= 0, got {crops}")
-    crop_samples = max_samples(crop_seconds, sample_rate) if crops > 0 else 1
+    """:func:`trial_vector` with an encoder (long files in ``max_seconds`` chunks)."""
 
     def embed_fn(batch: np.ndarray) -> np.ndarray:
-        return embed_equal_length(encoder, list(batch), max_seconds, device, sample_rate=sample_rate)
+        return embed_equal_length(encoder, list(batch), protocol.max_seconds, device, sample_rate=sample_rate)
 
-    return multicrop_embedding(embed_fn, wave, crops, crop_samples, crop_rng(seed, wave)).astype(np.float32)
+    return trial_vector(embed_fn, wave, protocol, sample_rate)

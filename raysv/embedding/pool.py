@@ -7,6 +7,7 @@ actors) and embeds with :mod:`raysv.embedding.core`. Extraction checks that ever
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from raysv.artifacts.embeddings import write_embeddings
 from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.shards import shard_utt_index
 from raysv.audio.io import SAMPLE_RATE, decode_audio, read_audio, resample
-from raysv.embedding.core import embed_equal_length, evaluation_embedding, max_samples
+from raysv.embedding.core import TrialProtocol, embed_equal_length, max_samples, trial_embedding
 from raysv.runtime import ensure_ray, torch_device, use_gpu as resolve_gpu
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class ExtractConfig:
     max_seconds: float = 20.0
     batch_size: int = 16
     num_actors: int | None = None  # default: one per GPU, else 2 CPU actors
+    normalize: bool = True  # unit-length embeddings; false: the encoder's raw output (the reference clusters those)
 
 
 class EmbeddingActor:
@@ -59,9 +61,8 @@ class EmbeddingActor:
         max_seconds: float,
         use_gpu: bool,
         *,
-        crops: int = 0,
-        crop_seconds: float = 4.0,
-        seed: int = 0,
+        protocol: dict[str, Any] | None = None,
+        normalize: bool = True,
     ) -> None:
         from raysv.models import load_encoder
 
@@ -73,9 +74,8 @@ class EmbeddingActor:
         self.sample_rate = int(self.meta.get("sample_rate", SAMPLE_RATE))
         max_samples(max_seconds, self.sample_rate)
         self.max_seconds = float(max_seconds)
-        self.crops = int(crops)
-        self.crop_seconds = float(crop_seconds)
-        self.seed = int(seed)
+        self.protocol = TrialProtocol(**(protocol or {"crops": 0, "max_seconds": max_seconds}))
+        self.normalize = bool(normalize)
         self.pid = os.getpid()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -102,7 +102,8 @@ class EmbeddingActor:
             limit = max_samples(self.max_seconds, self.sample_rate)
             emb = np.stack([fbank_mean_embedding(w[:limit], self.sample_rate) for w in waves])
         else:
-            emb = embed_equal_length(self.encoder, waves, self.max_seconds, self.device, sample_rate=self.sample_rate)
+            emb = embed_equal_length(self.encoder, waves, self.max_seconds, self.device, sample_rate=self.sample_rate,
+                                     normalize=self.normalize)
         return {"utt_index": utt_index, "embedding": emb, "pid": np.full(len(utt_index), self.pid, dtype=np.int64)}
 
     def _embed_files(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -112,18 +113,7 @@ class EmbeddingActor:
             wave = read_audio(str(path), self.sample_rate)
             if wave.size == 0:
                 raise ValueError(f"{path}: the audio is empty")
-            out.append(
-                evaluation_embedding(
-                    self.encoder,
-                    wave,
-                    crops=self.crops,
-                    crop_seconds=self.crop_seconds,
-                    max_seconds=self.max_seconds,
-                    seed=self.seed,
-                    device=self.device,
-                    sample_rate=self.sample_rate,
-                )
-            )
+            out.append(trial_embedding(self.encoder, wave, self.protocol, self.device, self.sample_rate))
         return {
             "key": np.asarray(keys, dtype=object),
             "embedding": np.stack(out).astype(np.float32),
@@ -210,6 +200,7 @@ def extract_embeddings(
     batch_size: int = 16,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
+    normalize: bool = True,
 ) -> dict[str, Any]:
     """Embed every utterance of a shard folder into ``out/embeddings.parquet``; ``out/extract.json`` marks completion.
 
@@ -237,7 +228,8 @@ def extract_embeddings(
 
     start = time.perf_counter()
     ds = read_shards(shards, columns=["utt_index", "audio"])
-    actor_kwargs = {"checkpoint": str(checkpoint), "max_seconds": max_seconds, "use_gpu": use_gpu}
+    actor_kwargs = {"checkpoint": str(checkpoint), "max_seconds": max_seconds, "use_gpu": use_gpu,
+                    "normalize": normalize}
     ds = _map_with_actors(ds, batch_size, num_actors, use_gpu, actor_kwargs)
     idx_parts, emb_parts, pids = _gather(ds, "utt_index")
     if not idx_parts:
@@ -259,6 +251,7 @@ def extract_embeddings(
         "num_actors": num_actors,
         "use_gpu": use_gpu,
         "max_seconds": float(max_seconds),
+        "normalize": bool(normalize),
         "batch_size": int(batch_size),
         "checkpoint": str(checkpoint),
         "shards": str(shards),
@@ -276,27 +269,22 @@ def embed_files(
     checkpoint: str | Path,
     files: dict[str, Path],
     *,
-    crops: int = 0,
-    crop_seconds: float = 4.0,
-    max_seconds: float = 30.0,
-    seed: int = 0,
+    protocol: TrialProtocol | None = None,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
 ) -> dict[str, np.ndarray]:
-    """Evaluation embeddings of audio files, keyed like ``files``, computed by the actor pool.
-
-    Each file's embedding is the mean of its whole-utterance embedding and ``crops``
-    random ``crop_seconds`` crops (the crops fixed by ``seed`` and the audio), unit length.
-    """
+    """Trial vectors of audio files under ``protocol`` (default: whole files), keyed like ``files``,
+    computed by the actor pool (:func:`raysv.embedding.core.trial_embedding`)."""
     checkpoint = Path(checkpoint)
     read_model_json(checkpoint)
     if not files:
         raise ValueError("embed_files needs at least one file")
-    if crops < 0:
-        raise ValueError(f"crops must be >= 0, got {crops}")
-    max_samples(max_seconds, SAMPLE_RATE)
-    if crops > 0:
-        max_samples(crop_seconds, SAMPLE_RATE)
+    protocol = protocol or TrialProtocol(crops=0)
+    if protocol.crops < 0:
+        raise ValueError(f"crops must be >= 0, got {protocol.crops}")
+    max_samples(protocol.max_seconds, SAMPLE_RATE)
+    if protocol.crops > 0:
+        max_samples(protocol.crop_seconds, SAMPLE_RATE)
     missing = [k for k, p in files.items() if not Path(p).is_file()]
     if missing:
         shown = ", ".join(str(files[k]) for k in missing[:5])
@@ -313,14 +301,8 @@ def embed_files(
         batch_size,
         num_actors,
         use_gpu,
-        {
-            "checkpoint": str(checkpoint),
-            "max_seconds": max_seconds,
-            "use_gpu": use_gpu,
-            "crops": crops,
-            "crop_seconds": crop_seconds,
-            "seed": seed,
-        },
+        {"checkpoint": str(checkpoint), "max_seconds": protocol.max_seconds, "use_gpu": use_gpu,
+         "protocol": dataclasses.asdict(protocol)},
     )
     key_parts, emb_parts, _ = _gather(ds, "key")
     result: dict[str, np.ndarray] = {}

@@ -27,16 +27,20 @@ def cosine_scores(enroll: np.ndarray, test: np.ndarray) -> np.ndarray:
 
 
 def cohort_statistics(
-    embeddings: np.ndarray, cohort: np.ndarray, top_n: int | None = None
+    embeddings: np.ndarray, cohort: np.ndarray, top_n: int | None = None, cosine: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of each embedding's ``top_n`` highest cosine scores against the cohort.
+    """Mean and std of each embedding's ``top_n`` highest scores against the cohort.
 
-    Computed in float64 (a small top-N has a small std, which float32 rounding
-    would distort) and in row chunks so the (utterances × cohort) matrix never
-    exists whole; ``top_n=None`` (or larger than the cohort) uses the whole cohort.
+    Scores are cosines, or dot products of the vectors as they are (``cosine=False``: fused
+    trial vectors, and a cohort in the same form). Computed in float64 (a small top-N has
+    a small std, which float32 rounding would distort) and in row chunks so the
+    (utterances × cohort) matrix never exists whole; ``top_n=None`` (or larger than the
+    cohort) uses the whole cohort.
     """
-    emb = l2_normalize(np.atleast_2d(np.asarray(embeddings, dtype=np.float64)))
-    coh = l2_normalize(np.atleast_2d(np.asarray(cohort, dtype=np.float64)))
+    emb = np.atleast_2d(np.asarray(embeddings, dtype=np.float64))
+    coh = np.atleast_2d(np.asarray(cohort, dtype=np.float64))
+    if cosine:
+        emb, coh = l2_normalize(emb), l2_normalize(coh)
     if coh.shape[0] == 0:
         raise ValueError("AS-norm cohort is empty")
     if emb.shape[1] != coh.shape[1]:
@@ -65,8 +69,10 @@ def score_trials(
     test: list[str],
     cohort: np.ndarray | None = None,
     top_n: int | None = None,
+    cosine: bool = True,
 ) -> np.ndarray:
-    """Cosine scores of the trial pairs, AS-normalised when a cohort is given.
+    """Scores of the trial pairs: cosines (or, ``cosine=False``, dot products of fused trial
+    vectors), AS-normalised when a cohort is given.
 
     AS-norm: s' = ½((s − μ_e)/σ_e + (s − μ_t)/σ_t), with μ, σ the mean and
     (population) std of the ``top_n`` best cohort scores of each side; every
@@ -86,13 +92,14 @@ def score_trials(
         mat = np.stack([np.asarray(embeddings[u], dtype=np.float64).ravel() for u in ids])
     except ValueError as exc:
         raise ValueError(f"trial embeddings have different dimensions: {exc}") from exc
-    mat = l2_normalize(mat)
+    if cosine:
+        mat = l2_normalize(mat)
     e_idx = np.fromiter((index[u] for u in enroll), dtype=np.int64, count=len(enroll))
     t_idx = np.fromiter((index[u] for u in test), dtype=np.int64, count=len(test))
     scores = np.einsum("nd,nd->n", mat[e_idx], mat[t_idx])
     if cohort is None:
         return scores
-    mean, std = cohort_statistics(mat, cohort, top_n)
+    mean, std = cohort_statistics(mat, cohort, top_n, cosine=cosine)
     std = np.maximum(std, _EPS)
     return 0.5 * ((scores - mean[e_idx]) / std[e_idx] + (scores - mean[t_idx]) / std[t_idx])
 

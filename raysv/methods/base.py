@@ -19,7 +19,7 @@ class LrConfig:
     backbone: float = 2e-5
     head: float = 5e-3
     decay: float = 0.95  # multiplied in every epoch
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.01  # AdamW's, on every group (the reference: PyTorch's default)
     # Fine-tuning: the backbone's rate ramps up linearly from 0 over this many epochs, so the
     # new (random) classifier settles before its gradients reach the pre-trained encoder.
     backbone_warmup_epochs: float = 0.0
@@ -37,6 +37,7 @@ class Method:
 
     name: str = "method"
     config_class: type = object
+    custom_batches = False  # True: the loop streams rows and the method's ``rebatch`` forms the batches
     epochs: int = 1
     batch_size: int = 1
 
@@ -47,6 +48,10 @@ class Method:
         return {}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def rebatch(self, batches: Any, epoch: int, batch_size: int) -> Any:
+        """With ``custom_batches``: NumPy batches of ``batch_size`` rows from a stream of row batches."""
         raise NotImplementedError
 
     def end_epoch(self, epoch: int) -> dict[str, float]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from raysv.config import ConfigError, check_non_negative, check_positive
+from raysv.config import ConfigError, check_choice, check_non_negative, check_positive
 from raysv.methods.base import Method, Wrap, all_reduce_mean, autocast, cosine_schedule, unwrap
 from raysv.models.ecapa import ECAPAEncoder, EcapaConfig
 from raysv.models.heads import DINOHead
@@ -39,7 +39,13 @@ class DinoHeadConfig:
 
 @dataclass
 class SgdConfig:
+    """SGD with momentum; ``schedule`` step: lr × decay^(epoch // decay_every) (sslsv's default at 9a9bf49),
+    warmup_cosine: a linear warm-up over ``warmup_epochs``, then cosine down to ``min_lr``."""
+
     lr: float = 0.2
+    schedule: str = "step"  # step | warmup_cosine
+    decay: float = 0.95
+    decay_every: int = 5
     min_lr: float = 5e-5
     weight_decay: float = 5e-5
     momentum: float = 0.9
@@ -58,7 +64,7 @@ class DiversityConfig:
 class DinoConfig:
     """``dino``: round 0, DINO self-distillation of an ECAPA-TDNN."""
 
-    encoder: EcapaConfig = field(default_factory=EcapaConfig)
+    encoder: EcapaConfig = field(default_factory=lambda: EcapaConfig(embed_dim=512))  # sslsv: a 512-d embedding
     crops: CropConfig = field(default_factory=CropConfig)
     head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
     optim: SgdConfig = field(default_factory=SgdConfig)
@@ -70,9 +76,13 @@ class DinoConfig:
     teacher_momentum: float = 0.996
     freeze_last_layer_epochs: int = 1
     clip_grad: float = 3.0
+    clip_per_tensor: bool = True  # each tensor's gradient norm clipped alone (sslsv), else one global norm
+    sync_batchnorm: bool = True  # batch statistics over all workers under DDP (GPU only; PyTorch's is CUDA-only)
     diversity: DiversityConfig = field(default_factory=DiversityConfig)
 
     def validate(self, prefix: str = "dino") -> None:
+        check_choice(f"{prefix}.optim.schedule", self.optim.schedule, ("step", "warmup_cosine"))
+        check_positive(f"{prefix}.optim.decay_every", self.optim.decay_every)
         check_positive(f"{prefix}.epochs", self.epochs)
         check_positive(f"{prefix}.batch_size", self.batch_size)
         for name in ("variance", "covariance"):
@@ -154,6 +164,29 @@ def diversity_terms(embeddings: list[torch.Tensor], eps: float = 1e-4) -> tuple[
     return variance / len(embeddings), covariance / len(embeddings)
 
 
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float, per_tensor: bool) -> torch.Tensor:
+    """Clip each tensor's gradient to ``max_norm`` (sslsv) or all of them by their global norm; the global norm before."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return torch.zeros(())
+    grads = [p.grad for p in with_grad]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
+    if not per_tensor:
+        torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+        return total
+    for g in grads:
+        norm = torch.linalg.vector_norm(g.detach())
+        scale = max_norm / (norm + 1e-6)
+        if scale < 1:
+            g.mul_(scale)
+    return total
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class DinoMethod(Method):
     name = "dino"
     config_class = DinoConfig
@@ -175,6 +208,8 @@ class DinoMethod(Method):
         encoder = ECAPAEncoder.from_config(d.encoder)
         head = DINOHead(encoder.embed_dim, d.head.hidden_dim, d.head.bottleneck_dim, d.head.out_dim)
         student = EncoderWithHead(encoder, head)
+        if d.sync_batchnorm and device.type == "cuda" and _world_size() > 1:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.teacher = copy.deepcopy(student).to(device)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -194,6 +229,8 @@ class DinoMethod(Method):
     # -- schedules
     def lr_at(self, step: int) -> float:
         o = self.cfg.optim
+        if o.schedule == "step":
+            return o.lr * o.decay ** ((step // self.steps_per_epoch) // o.decay_every)
         warmup = min(o.warmup_epochs * self.steps_per_epoch, self.total_steps // 2)
         return cosine_schedule(o.lr, o.min_lr, step, self.total_steps, warmup=warmup)
 
@@ -226,7 +263,7 @@ class DinoMethod(Method):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unwrap(self.student).parameters(), d.clip_grad)
+        grad_norm = clip_gradients(unwrap(self.student).parameters(), d.clip_grad, d.clip_per_tensor)
         if self.epoch < d.freeze_last_layer_epochs:
             for p in self.last_layer:
                 p.grad = None
@@ -246,7 +283,8 @@ class DinoMethod(Method):
         return self.teacher.encoder
 
     def model_info(self) -> dict[str, Any]:
-        return {"method": self.name, "features": "fbank80-meannorm"}
+        e = self.cfg.encoder
+        return {"method": self.name, "features": f"fbank{e.n_mels}-{e.norm}"}
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -1,13 +1,13 @@
 """Supervised fine-tuning on (pseudo-)labels: AAM-softmax, L2-SP, loss gate, label correction.
 
-Pseudo-labels are noisy. Samples the model finds hard are likely mislabelled:
-from ``loss_gate.start_epoch`` a two-component Gaussian mixture on the previous
-epoch's per-sample losses separates "clean" from "noisy", and samples past the
-crossing point are left out of the loss. From ``label_correction.start_epoch``
-a dropped sample whose clean crop is confidently predicted as another class
-(softmax of cosine / T above a threshold) takes that class from then on; the
-corrected labels are saved with the checkpoint and become the next stage's labels.
-The same method on true labels is the supervised upper bound.
+Pseudo-labels are noisy (:mod:`raysv.methods.noisy_labels`): from ``loss_gate.start_epoch``
+a sample whose loss lies past the crossing of a two-component mixture fitted to last
+epoch's log-losses is left out of the step; from ``label_correction.start_epoch`` such a
+sample is trained, for that step, on the class its clean crop is confidently predicted as
+(softmax of the classifier's raw logits / T above a threshold). As in wavlm_ssl_sv the step
+minimises ``L/L.detach() + λ·R/(R.detach() + 1e-5)``, R the sum over the backbone's tensors of
+‖θ − θ₀‖ with θ₀ the pre-trained weights. The same method on true labels, gate and
+correction off, is the supervised reference.
 """
 
 from __future__ import annotations
@@ -16,16 +16,19 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from raysv.artifacts.checkpoint import TRAINING_FILE, load_training_state
+from raysv.artifacts.checkpoint import TRAINING_FILE, load_training_state, load_weights, read_model_json
 from raysv.artifacts.labels import read_labels
-from raysv.config import check_choice, check_non_negative, check_positive
+from raysv.config import ConfigError, check_choice, check_non_negative, check_positive
+from raysv.data.sampling import UniqueClassBatches, epoch_selection
 from raysv.methods.base import LrConfig, Method, Wrap, all_reduce_sum, autocast, unwrap
+from raysv.methods.noisy_labels import correct_labels, gate_space, gmm_crossing, kept_by_gate
 from raysv.models.heads import AAMSoftmax, margin_at
 from raysv.models.round_model import RoundModelConfig, build_round_encoder, split_parameters
 
@@ -41,16 +44,32 @@ class MarginLossConfig:
 
 @dataclass
 class LossGateConfig:
+    """Epochs are 0-based: the reference gates from its (1-based) epoch 5, here 4."""
+
     enabled: bool = True
-    start_epoch: int = 5
+    start_epoch: int = 4
+    space: str = "log"  # log | linear: the scale of the losses the mixture is fitted to
+    compare: str = "current"  # current | previous: the loss held against the threshold, this step's or last epoch's
 
 
 @dataclass
 class LabelCorrectionConfig:
+    """Epochs are 0-based: the reference corrects after its (1-based) epoch 8, here from 8."""
+
     enabled: bool = True
-    start_epoch: int = 9
+    start_epoch: int = 8
     temperature: float = 0.1
     threshold: float = 0.5
+    logits: str = "raw"  # raw (the classifier's linear layer, as the reference) | cosine
+    persist: bool = False  # keep corrected labels for later epochs and the next stage (else: this step only)
+
+
+@dataclass
+class SamplerConfig:
+    """Per worker batch: no class twice; per epoch: at most ``max_per_class`` utterances of a class."""
+
+    unique_classes: bool = True
+    max_per_class: int | None = 500
 
 
 @dataclass
@@ -62,19 +81,32 @@ class FinetuneConfig:
     lr: LrConfig = field(default_factory=LrConfig)
     loss_gate: LossGateConfig = field(default_factory=LossGateConfig)
     label_correction: LabelCorrectionConfig = field(default_factory=LabelCorrectionConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     epochs: int = 15
-    batch_size: int = 120
+    batch_size: int = 240  # global, split over the workers
     crop_seconds: float = 3.0
+    # normalised: L/L.detach() + l2sp·R/(R.detach()+1e-5), R = Σ‖θ−θ₀‖ (the reference);
+    # plain: L + l2sp·Σ‖θ−θ₀‖².
+    objective: str = "normalised"
     l2sp: float = 0.01
-    clip_grad: float = 5.0
+    l2sp_anchor: str = "pretrained"  # pretrained (WavLM, or the DINO encoder) | start (the stage's first weights)
+    clip_grad: float | None = None  # global gradient-norm clip (the reference does not clip)
     init: str = "pretrained"  # pretrained | previous (start round r from round r-1's model)
 
     def validate(self, prefix: str = "finetune") -> None:
         self.model.validate(f"{prefix}.model")
         check_choice(f"{prefix}.init", self.init, ("pretrained", "previous"))
+        check_choice(f"{prefix}.objective", self.objective, ("normalised", "plain"))
+        check_choice(f"{prefix}.l2sp_anchor", self.l2sp_anchor, ("pretrained", "start"))
+        check_choice(f"{prefix}.loss_gate.space", self.loss_gate.space, ("log", "linear"))
+        check_choice(f"{prefix}.loss_gate.compare", self.loss_gate.compare, ("current", "previous"))
+        check_choice(f"{prefix}.label_correction.logits", self.label_correction.logits, ("raw", "cosine"))
         check_positive(f"{prefix}.epochs", self.epochs)
         check_positive(f"{prefix}.batch_size", self.batch_size)
         check_positive(f"{prefix}.crop_seconds", self.crop_seconds)
+        check_positive(f"{prefix}.sampler.max_per_class", self.sampler.max_per_class)
+        check_positive(f"{prefix}.clip_grad", self.clip_grad)
+        check_non_negative(f"{prefix}.l2sp", self.l2sp)
         check_non_negative(f"{prefix}.lr.backbone_warmup_epochs", self.lr.backbone_warmup_epochs)
 
 
@@ -86,60 +118,44 @@ class LmftConfig:
     crop_seconds: float = 6.0
     margin: float = 0.5
     epochs: int = 5
-    lr_scale: float = 0.5
+    lr_scale: float = 1.0  # the reference keeps the rounds' rates
+    batch_size: int | None = 100  # global; null: the rounds' batch size
+    label_correction: bool = False  # the reference's correction starts after the stage has ended
 
     def finetune_section(self, f: FinetuneConfig) -> FinetuneConfig:
         """The fine-tune settings of the large-margin stage: ``f`` with this section's changes, no warm-ups."""
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"lmft.batch_size: must be positive, got {self.batch_size}")
         return dataclasses.replace(
             f,
             epochs=self.epochs,
             crop_seconds=self.crop_seconds,
+            batch_size=self.batch_size or f.batch_size,
             loss=dataclasses.replace(f.loss, margin=self.margin, margin_warmup_epochs=0.0),
             lr=dataclasses.replace(f.lr, backbone=f.lr.backbone * self.lr_scale, head=f.lr.head * self.lr_scale,
                                    backbone_warmup_epochs=0.0),
+            label_correction=dataclasses.replace(f.label_correction,
+                                                 enabled=f.label_correction.enabled and self.label_correction),
         )
 
 
-def gmm_crossing(losses: np.ndarray, seed: int = 0) -> float | None:
-    """Loss value where a 2-component GMM's weighted densities cross between the two means.
-
-    Returns None when the losses are not bimodal: the fitted mixture density has no
-    dip between the two means (a unimodal sample split into two overlapping
-    components), no crossing between the means (one component dominates
-    everywhere), too few samples, or degenerate spread.
-    """
-    from sklearn.mixture import GaussianMixture
-
-    x = np.asarray(losses, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if x.size < 10 or np.ptp(x) <= 1e-12:
-        return None
-    gmm = GaussianMixture(2, random_state=seed, reg_covar=1e-6).fit(x.reshape(-1, 1))
-    means = gmm.means_.ravel()
-    lo, hi = np.sort(means)
-    if hi - lo <= 1e-9:
-        return None
-    grid = np.linspace(lo, hi, 2001).reshape(-1, 1)
-    # Every mode of a two-Gaussian mixture lies between its means: bimodal iff the density dips there.
-    density = np.exp(gmm.score_samples(grid))
-    rim = np.minimum(np.maximum.accumulate(density), np.maximum.accumulate(density[::-1])[::-1])
-    if not np.any(density < rim * (1.0 - 1e-6)):
-        return None
-    post = gmm.predict_proba(grid)[:, int(np.argmax(means))]  # P(high-loss component | x)
-    above = np.nonzero(post >= 0.5)[0]
-    if above.size == 0 or above[0] == 0:
-        return None  # the high-loss component wins everywhere or nowhere between the means
-    i = int(above[0])
-    p0, p1 = post[i - 1], post[i]
-    t = (0.5 - p0) / (p1 - p0) if p1 != p0 else 0.0
-    return float(grid[i - 1, 0] + t * (grid[i, 0] - grid[i - 1, 0]))
+# ---------------------------------------------------------------- objective
 
 
-def correct_labels(cosine: torch.Tensor, temperature: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sharpened prediction ``softmax(cos / T)``: (predicted class, whether its probability passes)."""
-    probs = torch.softmax(cosine.float() / temperature, dim=-1)
-    confidence, predicted = probs.max(dim=-1)
-    return predicted, confidence > threshold
+def l2sp_distance(params: list[torch.Tensor], anchors: list[torch.Tensor], squared: bool) -> torch.Tensor:
+    """Σ over tensors of ‖θ − θ₀‖ (the reference) or of ‖θ − θ₀‖² (``squared``)."""
+    if not params:
+        return torch.zeros(())
+    terms = [(p - p0).pow(2).sum() if squared else torch.linalg.vector_norm(p - p0) for p, p0 in zip(params, anchors)]
+    return torch.stack(terms).sum()
+
+
+def normalised_objective(loss: torch.Tensor, penalty: torch.Tensor, weight: float) -> torch.Tensor:
+    """``L/L.detach() + weight·R/(R.detach() + 1e-5)``: each term's gradient is scaled to unit size."""
+    total = loss / loss.detach().clamp_min(1e-12)
+    if weight > 0:
+        total = total + weight * penalty / (penalty.detach() + 1e-5)
+    return total
 
 
 class EncoderWithClassifier(nn.Module):
@@ -157,6 +173,7 @@ class EncoderWithClassifier(nn.Module):
 class SupervisedMethod(Method):
     name = "supervised"
     config_class = FinetuneConfig
+    custom_batches = True
 
     def __init__(
         self,
@@ -167,6 +184,7 @@ class SupervisedMethod(Method):
         init: str | None = None,
         init_classifier: bool = False,
         pretrained: str | None = None,
+        anchor: str | None = None,
     ):
         self.cfg = cfg
         self.seed = seed
@@ -178,6 +196,7 @@ class SupervisedMethod(Method):
         self.init = init
         self.init_classifier = init_classifier
         self.pretrained = pretrained or cfg.model.pretrained
+        self.anchor = anchor  # the L2-SP θ₀: a WavLM (hub id or folder) or a raysv checkpoint; None: the start
         utt_index, values = read_labels(labels)
         size = int(utt_index.max()) + 1
         table = np.full(size, -1, dtype=np.int64)
@@ -213,9 +232,29 @@ class SupervisedMethod(Method):
             weight_decay=f.lr.weight_decay,
         )
         self.backbone_params = backbone_params
-        self.reference = [p.detach().clone() for p in backbone_params]
+        self.reference = self._anchor_weights(bare.encoder, backbone_params)
         self.labels = self.labels.to(device)
         self.prev_losses = self.prev_losses.to(device)
+
+    def _anchor_weights(self, encoder: nn.Module, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """θ₀ of each backbone parameter: from ``anchor`` (by name) when given, else the starting weights."""
+        start = [p.detach().clone() for p in params]
+        starts_at_anchor = self.anchor == self.init or (self.init is None and self.anchor == self.pretrained)
+        if not params or not self.anchor or self.cfg.l2sp_anchor == "start" or starts_at_anchor:
+            return start
+        names = {id(p): n for n, p in encoder.named_parameters()}
+        if (Path(self.anchor) / "model.json").is_file():
+            read_model_json(self.anchor)
+            state = load_weights(self.anchor)  # a raysv checkpoint: the encoder's own names
+        else:
+            from transformers import WavLMModel
+
+            state = {f"backbone.{k}": v for k, v in WavLMModel.from_pretrained(str(self.anchor)).state_dict().items()}
+        out = []
+        for p, p0 in zip(params, start):
+            value = state.get(names[id(p)])
+            out.append(value.to(p0.device, p0.dtype) if value is not None and value.shape == p0.shape else p0)
+        return out
 
     def _load_init_classifier(self, classifier: AAMSoftmax) -> None:
         """Large-margin fine-tuning continues with the classifier of the checkpoint it starts from."""
@@ -226,13 +265,34 @@ class SupervisedMethod(Method):
         if weight is not None and tuple(weight.shape) == tuple(classifier.weight.shape):
             classifier.weight.data.copy_(weight)
 
+    # -- batches
+    def rebatch(
+        self, batches: Iterable[dict[str, np.ndarray]], epoch: int, batch_size: int
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """This worker's batches: rows of this epoch's per-class selection, no class twice in a batch."""
+        s = self.cfg.sampler
+        labels = self.labels.cpu().numpy()
+        selected = epoch_selection(labels, s.max_per_class, self.seed, epoch) if s.max_per_class else None
+        keep = (lambda b: selected[np.asarray(b["utt_index"])]) if selected is not None else None
+        if s.unique_classes:
+            self.batcher = UniqueClassBatches(batch_size)
+            yield from self.batcher(batches, lambda b: labels[np.asarray(b["utt_index"])], keep)
+            return
+        rows: dict[str, list] = {}
+        for batch in batches:
+            mask = keep(batch) if keep is not None else np.ones(len(batch["utt_index"]), bool)
+            for k, v in batch.items():
+                rows.setdefault(k, []).extend(np.asarray(v)[mask])
+            while len(rows.get("utt_index", [])) >= batch_size:
+                yield {k: np.stack(v[:batch_size]) for k, v in rows.items()}
+                rows = {k: v[batch_size:] for k, v in rows.items()}
+
     # -- schedule and regularisers
     def l2sp(self) -> torch.Tensor:
-        """Squared distance of the backbone from its starting (pre-trained) weights."""
-        total = torch.zeros((), device=self.device)
-        for p, p0 in zip(self.backbone_params, self.reference):
-            total = total + (p - p0).pow(2).sum()
-        return total
+        """Distance of the backbone from θ₀: Σ‖θ−θ₀‖ (normalised objective) or Σ‖θ−θ₀‖² (plain)."""
+        if not self.backbone_params:
+            return torch.zeros((), device=self.device)
+        return l2sp_distance(self.backbone_params, self.reference, squared=self.cfg.objective == "plain")
 
     def backbone_lr(self, progress: float) -> float:
         """Backbone rate at ``progress`` epochs: per-epoch decay times the linear warm-up ramp."""
@@ -255,40 +315,56 @@ class SupervisedMethod(Method):
         gate = self.cfg.loss_gate
         self.gate_threshold = None
         if gate.enabled and epoch >= gate.start_epoch:
-            self.gate_threshold = gmm_crossing(self.prev_losses.cpu().numpy(), seed=self.seed)
+            previous = gate_space(self.prev_losses.cpu().numpy(), gate.space)
+            self.gate_threshold = gmm_crossing(previous, seed=self.seed)
         return {"gate_threshold": self.gate_threshold if self.gate_threshold is not None else float("nan")}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         f = self.cfg
         idx = batch["utt_index"].long()
         labels = self.labels[idx]
-        keep = torch.ones_like(idx, dtype=torch.bool)
-        if self.gate_threshold is not None:
-            prev = self.prev_losses[idx]
-            keep = ~(prev > self.gate_threshold)  # unseen (NaN) samples are kept
-        lc = f.label_correction
-        if lc.enabled and self.epoch >= lc.start_epoch and bool((~keep).any()) and "clean" in batch:
-            labels, keep = self._correct(batch["clean"], idx, labels, keep)
         progress = self.epoch + self.step_in_epoch / self.steps_per_epoch
         margin = margin_at(progress, self.margin, self.warmup)
         self.optimizer.param_groups[0]["lr"] = self.backbone_lr(progress)
         with autocast(self.device):
             losses, logits = self.model(batch["wave"], labels, margin)
-        losses = losses.float()
+        losses, logits = losses.float(), logits.float()
         self.cur_losses[idx] = losses.detach()
-        n_keep = int(keep.sum())
-        # Every worker runs the same graph each step (DDP), even when the gate keeps nothing here.
-        loss = (losses * keep).sum() / max(n_keep, 1)
-        penalty = self.l2sp() if f.l2sp > 0 and self.backbone_params else torch.zeros((), device=self.device)
-        total = loss + f.l2sp * penalty
+        gate = f.loss_gate
+        compared = losses.detach() if gate.compare == "current" else self.prev_losses[idx]
+        keep = kept_by_gate(gate_space(compared, gate.space), self.gate_threshold)
+        lc = f.label_correction
+        dropped = ~keep
+        if lc.enabled and self.epoch >= lc.start_epoch and "clean" in batch:
+            # The reference: a dropped sample confidently predicted (clean crop) is trained towards
+            # that class on this step's logits; the others stay out; the mean is over the batch.
+            relabel = torch.zeros_like(keep)
+            target = labels
+            if bool(dropped.any()):
+                predicted, confident = self._predict_clean(batch["clean"][dropped])
+                relabel[dropped] = confident
+                target = labels.clone()
+                target[dropped] = predicted
+            corrected_losses = F.cross_entropy(logits, target, reduction="none")
+            loss = (losses * keep + corrected_losses * relabel).mean()
+            self._record_corrections(idx, labels, target, relabel)
+        else:
+            # Every worker runs the same graph each step (DDP), even when the gate keeps nothing here.
+            loss = (losses * keep).sum() / max(int(keep.sum()), 1)
+        penalty = self.l2sp() if f.l2sp > 0 else torch.zeros((), device=self.device)
+        if f.objective == "normalised":
+            total = normalised_objective(loss, penalty, f.l2sp)
+        else:
+            total = loss + f.l2sp * penalty
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss is {total.item()} at epoch {self.epoch}")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(unwrap(self.model).parameters(), f.clip_grad)
+        if f.clip_grad:
+            torch.nn.utils.clip_grad_norm_(unwrap(self.model).parameters(), f.clip_grad)
         self.optimizer.step()
         self.step_in_epoch += 1
-        self.dropped += int((~keep).sum())
+        self.dropped += int(dropped.sum())
         self.seen += int(idx.numel())
         accuracy = (logits.argmax(dim=-1) == labels).float().mean()
         return {
@@ -301,30 +377,30 @@ class SupervisedMethod(Method):
             "crops": int(idx.numel()),
         }
 
-    def _correct(
-        self, clean: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Relabel dropped samples whose clean crop is confidently another class; they rejoin the loss."""
+    def _predict_clean(self, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class, confident) of clean crops: softmax of the raw logits (or cosines) over T, above the threshold."""
         lc = self.cfg.label_correction
         bare = unwrap(self.model)
-        dropped = ~keep
         with torch.no_grad(), autocast(self.device):
             was_training = bare.training
             bare.eval()
-            cosine = bare.classifier.cosine(bare.encoder(clean[dropped]))
+            emb = bare.encoder(clean).float()
             bare.train(was_training)
-        predicted, confident = correct_labels(cosine, lc.temperature, lc.threshold)
-        positions = dropped.nonzero().squeeze(1)[confident]
-        new = predicted[confident]
-        labels = labels.clone()
-        labels[positions] = new
-        keep = keep.clone()
-        keep[positions] = True
-        changed = new != self.labels[idx[positions]]
-        self.labels[idx[positions]] = new
-        self.changes[idx[positions][changed]] = new[changed] + 1
+        if lc.logits == "raw":
+            logits = F.linear(emb, bare.classifier.weight.float())
+        else:
+            logits = bare.classifier.cosine(emb)
+        return correct_labels(logits, lc.temperature, lc.threshold)
+
+    def _record_corrections(
+        self, idx: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, relabel: torch.Tensor
+    ) -> None:
+        """Count the relabelled samples; with ``persist`` the label table takes their new class."""
+        changed = relabel & (target != labels)
         self.corrected += int(changed.sum())
-        return labels, keep
+        if self.cfg.label_correction.persist and bool(changed.any()):
+            self.labels[idx[changed]] = target[changed]
+            self.changes[idx[changed]] = target[changed] + 1
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         # Merge what the workers saw: losses and label changes of disjoint utterances.
@@ -336,11 +412,13 @@ class SupervisedMethod(Method):
             changes = self.changes.clone()
             torch.distributed.all_reduce(changes, op=torch.distributed.ReduceOp.MAX)
             self.labels = torch.where(changes > 0, changes - 1, self.labels)
-        totals = all_reduce_sum(torch.tensor([self.dropped, self.corrected, self.seen], device=self.device).float())
-        dropped, corrected, seen_total = (int(v) for v in totals.tolist())
+        repeats = getattr(getattr(self, "batcher", None), "repeats", 0)
+        totals = all_reduce_sum(torch.tensor([self.dropped, self.corrected, self.seen, repeats],
+                                             device=self.device).float())
+        dropped, corrected, seen_total, repeats = (int(v) for v in totals.tolist())
         if self.gate_threshold is not None:
             log.info("epoch %d: loss gate dropped %d of %d samples, %d relabelled", epoch + 1, dropped, seen_total, corrected)
-        return {"dropped": dropped, "corrected": corrected, "samples": seen_total}
+        return {"dropped": dropped, "corrected": corrected, "samples": seen_total, "class_repeats": repeats}
 
     # -- saving
     def encoder(self) -> nn.Module:

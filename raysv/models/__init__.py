@@ -32,6 +32,7 @@ def build_encoder(spec: dict) -> nn.Module:
             mfa_channels=spec["mfa_channels"],
             embed_dim=spec["embed_dim"],
             n_mels=spec.get("n_mels", 80),
+            norm=spec.get("norm", "mean"),  # checkpoints from before the choice was recorded: mean
         )
     if kind == "wavlm_mhfa":
         from raysv.models.wavlm_mhfa import wavlm_mhfa_from_spec

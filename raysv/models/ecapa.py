@@ -23,6 +23,7 @@ class EcapaConfig:
     mfa_channels: int = 3072
     embed_dim: int = 192
     n_mels: int = 80
+    norm: str = "mean_std"  # per-utterance fbank normalisation: mean_std (sslsv's InstanceNorm) | mean
 
 
 class Res2Conv1d(nn.Module):
@@ -173,13 +174,16 @@ class ECAPAEncoder(nn.Module):
     inference, and the fbank runs on whatever device the model is on.
     """
 
-    def __init__(self, channels: int = 512, mfa_channels: int = 1536, embed_dim: int = 192, n_mels: int = 80):
+    def __init__(
+        self, channels: int = 512, mfa_channels: int = 1536, embed_dim: int = 192, n_mels: int = 80, norm: str = "mean"
+    ):
         super().__init__()
         self.channels = channels
         self.mfa_channels = mfa_channels
         self.embed_dim = embed_dim
         self.n_mels = n_mels
-        self.features = Fbank(n_mels=n_mels, mean_norm=True)
+        self.norm = norm
+        self.features = Fbank(n_mels=n_mels, norm=norm)
         self.tdnn = ECAPATDNN(channels=channels, mfa_channels=mfa_channels, embed_dim=embed_dim, n_mels=n_mels)
 
     @classmethod
@@ -197,4 +201,5 @@ class ECAPAEncoder(nn.Module):
             "mfa_channels": self.mfa_channels,
             "embed_dim": self.embed_dim,
             "n_mels": self.n_mels,
+            "norm": self.norm,
         }

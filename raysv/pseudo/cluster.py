@@ -17,10 +17,11 @@ import sys
 import time
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
-from raysv.config import ConfigError, check_positive
+from raysv.config import ConfigError, check_choice, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,21 @@ class ClusterConfig:
     """``cluster``: k-means into ``k1`` groups, then Ward clustering of the centroids into ``k2``."""
 
     k1: int = 50000
-    k2: int | None = 7500
+    k2: int | str | None = 7500  # a number, auto (estimated from the data), or null (k-means clusters as they are)
+    k2_factor: float = 1.0  # with k2: auto, over-cluster: this many groups per estimated speaker
     min_cluster_size: int = 0
     niter: int = 20
     seed: int = 0
+    metric: str = "euclidean"  # euclidean: k-means of the raw embeddings (the reference) | cosine: spherical
 
     def validate(self, prefix: str = "cluster") -> None:
+        check_choice(f"{prefix}.metric", self.metric, METRICS)
         check_positive(f"{prefix}.k1", self.k1)
+        check_positive(f"{prefix}.k2_factor", self.k2_factor)
+        if isinstance(self.k2, str):
+            if self.k2 != "auto":
+                raise ConfigError(f"{prefix}.k2: a number, auto or null, got {self.k2!r}")
+            return
         check_positive(f"{prefix}.k2", self.k2)
         if self.k2 is not None and self.k2 >= self.k1:
             raise ConfigError(f"{prefix}.k2 ({self.k2}) must be smaller than {prefix}.k1 ({self.k1})")
@@ -47,6 +56,7 @@ class ClusterConfig:
 # this many in total (10 M x 256-d float32 = 10 GB); beyond it faiss subsamples
 # to about this many, and every point is still assigned at the end.
 MAX_KMEANS_TRAIN_POINTS = 10_000_000
+METRICS = ("cosine", "euclidean")
 
 _CHECK_BLOCK = 65_536
 
@@ -167,27 +177,31 @@ def _check_k(k1: int, n: int) -> None:
         raise ValueError(f"k1={k1} is larger than the number of utterances ({n}); use k1 <= {n}")
 
 
-def spherical_kmeans(
-    x: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: bool | None = None
+def kmeans(
+    x: np.ndarray, k: int, niter: int = 20, seed: int = 0, use_gpu: bool | None = None, metric: str = "cosine"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine k-means with faiss on L2-normalised rows: ``(centroids (k, D) float32 unit-norm, assignment (N,) int64)``.
+    """k-means with faiss: ``(centroids (k, D) float32, assignment (N,) int64)``.
 
-    All points train the centroids up to :data:`MAX_KMEANS_TRAIN_POINTS`; the
-    assignment is to the final centroids (largest inner product).
+    ``cosine``: spherical k-means of the L2-normalised rows (unit-norm centroids, assignment by
+    largest inner product). ``euclidean``: plain k-means of the rows as they are (the
+    reference clusters raw embeddings so). All points train the centroids up to
+    :data:`MAX_KMEANS_TRAIN_POINTS`; the assignment is to the final centroids.
     """
     faiss = import_faiss()
 
     _check_k(k, _as_matrix(x).shape[0])
     if niter < 1:
         raise ValueError(f"niter must be >= 1, got {niter}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     gpu = _resolve_gpu(use_gpu)
-    xn = _normalised_rows(x)
+    xn = _normalised_rows(x) if metric == "cosine" else _finite_rows(x)
     n, d = xn.shape
     km = faiss.Kmeans(
         d,
         int(k),
         niter=int(niter),
-        spherical=True,
+        spherical=metric == "cosine",
         seed=int(seed),
         gpu=gpu,
         max_points_per_centroid=max(1, math.ceil(MAX_KMEANS_TRAIN_POINTS / int(k))),
@@ -197,6 +211,17 @@ def spherical_kmeans(
     km.train(xn)
     _, assignment = km.assign(xn)
     return np.ascontiguousarray(km.centroids, dtype=np.float32), assignment.astype(np.int64, copy=False)
+
+
+def _finite_rows(x: np.ndarray, what: str = "embeddings") -> np.ndarray:
+    """A C-contiguous float32 copy; rows with NaN or inf are an error naming how many."""
+    arr = np.ascontiguousarray(_as_matrix(x, what), dtype=np.float32)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(f"{what} have {len(rows)} rows with NaN or inf values (of {len(arr)}); "
+                         f"first rows: {rows[:10].tolist()}")
+    return arr
 
 
 def _cut_first_merges(z: np.ndarray, n: int, k: int) -> np.ndarray:
@@ -223,35 +248,93 @@ def _first_appearance_codes(groups: np.ndarray) -> np.ndarray:
     return rank[inverse.reshape(-1)]
 
 
-def ward_on_centroids(centroids: np.ndarray, k2: int) -> np.ndarray:
-    """Ward clustering of the centroids as points into exactly ``k2`` groups: ``(k1,)`` int64 in 0..k2-1.
-
-    Exact Ward via fastcluster's ``linkage_vector`` (O(k1 * D) memory), cut with
-    scipy's ``fcluster(maxclust)``; when tied merge heights make ``fcluster``
-    return fewer than ``k2`` groups, the tree is cut after its first ``k1 - k2``
-    merges instead. Groups are numbered by first appearance.
-    """
+def ward_linkage(centroids: np.ndarray) -> np.ndarray:
+    """Exact Ward linkage of the centroids as points, by fastcluster's ``linkage_vector`` (O(k1 · D) memory)."""
     import fastcluster
-    from scipy.cluster.hierarchy import fcluster
 
     c = _as_matrix(centroids, "centroids").astype(np.float64)
     if not np.isfinite(c).all():
         bad = int((~np.isfinite(c).all(axis=1)).sum())
         raise ValueError(f"centroids have {bad} rows with NaN or inf values")
-    k1 = c.shape[0]
+    return fastcluster.linkage_vector(c, method="ward")
+
+
+def cut_linkage(z: np.ndarray, k2: int) -> np.ndarray:
+    """Groups ``(n,)`` int64 in 0..k2-1 of the ``n`` leaves of linkage ``z`` cut into exactly ``k2``.
+
+    scipy's ``fcluster(maxclust)``; when tied merge heights make it return fewer than
+    ``k2`` groups, the tree is cut after its first ``n - k2`` merges instead. Groups are
+    numbered by first appearance.
+    """
+    from scipy.cluster.hierarchy import fcluster
+
+    n = z.shape[0] + 1
+    if not isinstance(k2, (int, np.integer)) or isinstance(k2, bool):
+        raise ValueError(f"k2 must be an integer, got {k2!r}")
+    if not 1 <= k2 <= n:
+        raise ValueError(f"k2 must be between 1 and the number of centroids ({n}), got {k2}")
+    if k2 == n:
+        return np.arange(n, dtype=np.int64)
+    if k2 == 1:
+        return np.zeros(n, dtype=np.int64)
+    groups = fcluster(z, t=k2, criterion="maxclust")
+    if len(np.unique(groups)) != k2:
+        groups = _cut_first_merges(z, n, k2)
+    return _first_appearance_codes(groups)
+
+
+def ward_on_centroids(centroids: np.ndarray, k2: int) -> np.ndarray:
+    """Ward clustering of the centroids as points into exactly ``k2`` groups: ``(k1,)`` int64 in 0..k2-1."""
+    k1 = _as_matrix(centroids, "centroids").shape[0]
     if not isinstance(k2, (int, np.integer)) or isinstance(k2, bool):
         raise ValueError(f"k2 must be an integer, got {k2!r}")
     if not 1 <= k2 <= k1:
         raise ValueError(f"k2 must be between 1 and the number of centroids ({k1}), got {k2}")
-    if k2 == k1:
-        return np.arange(k1, dtype=np.int64)
-    if k2 == 1:
-        return np.zeros(k1, dtype=np.int64)
-    z = fastcluster.linkage_vector(c, method="ward")
-    groups = fcluster(z, t=k2, criterion="maxclust")
-    if len(np.unique(groups)) != k2:
-        groups = _cut_first_merges(z, k1, k2)
-    return _first_appearance_codes(groups)
+    if k2 in (1, k1):
+        return np.zeros(k1, dtype=np.int64) if k2 == 1 else np.arange(k1, dtype=np.int64)
+    return cut_linkage(ward_linkage(centroids), k2)
+
+
+def _segment_sse(prefix: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least-squares line residual (sum of squares) of points a..b-1, from prefix sums of n, x, y, x², xy, y²."""
+    n, sx, sy, sxx, sxy, syy = (prefix[b, i] - prefix[a, i] for i in range(6))
+    cxx = sxx - sx * sx / n
+    cxy = sxy - sx * sy / n
+    cyy = syy - sy * sy / n
+    return np.maximum(cyy - np.where(cxx > 0, cxy * cxy / np.where(cxx > 0, cxx, 1.0), 0.0), 0.0)
+
+
+def estimate_clusters(z: np.ndarray) -> int:
+    """How many clusters the linkage ``z`` holds: the knee of its merge heights (the L-method).
+
+    Salvador & Chan (ICTAI 2004): on the evaluation graph (number of clusters k, height of
+    the merge that takes k to k - 1) two straight lines are fitted, left and right of each
+    split; the split with the least size-weighted RMSE is the knee. The fit is repeated on
+    the graph up to twice the knee until the knee stops moving, so the long tail of tiny
+    merges does not decide it.
+    """
+    n = z.shape[0] + 1
+    if n < 8:
+        return max(1, n // 2)
+    k = np.arange(2, n + 1, dtype=np.float64)  # clusters
+    y = z[::-1, 2][: len(k)].astype(np.float64)  # the merge taking k clusters to k - 1
+    cutoff, knee = len(k), None
+    for _ in range(20):
+        xs, ys = k[:cutoff], y[:cutoff]
+        prefix = np.zeros((cutoff + 1, 6))
+        prefix[1:] = np.cumsum(np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=1), axis=0)
+        split = np.arange(3, cutoff - 2)  # left: points [0, c), right: [c, cutoff), each >= 3
+        if split.size == 0:
+            break
+        left = np.sqrt(_segment_sse(prefix, np.zeros_like(split), split) / split)
+        right = np.sqrt(_segment_sse(prefix, split, np.full_like(split, cutoff)) / (cutoff - split))
+        total = (split * left + (cutoff - split) * right) / cutoff
+        new = int(xs[split[int(np.argmin(total))]])
+        if knee is not None and new >= knee:
+            break
+        knee = new
+        cutoff = min(len(k), max(2 * knee, 20))
+    return int(knee if knee is not None else 2)
 
 
 def _finalise(raw: np.ndarray, min_cluster_size: int) -> np.ndarray:
@@ -284,33 +367,61 @@ def check_settings(n: int, k1: int, k2: int | None, min_cluster_size: int, niter
         raise ValueError(f"niter must be >= 1, got {niter}")
 
 
-def cluster_embeddings(
+def pseudo_labels(
     embeddings: np.ndarray,
     k1: int,
-    k2: int | None = None,
+    k2: int | str | None = None,
     min_cluster_size: int = 0,
     niter: int = 20,
     seed: int = 0,
     use_gpu: bool | None = None,
-) -> np.ndarray:
-    """Pseudo-labels (N,) int32 for the rows of ``embeddings``: k-means into k1, Ward of centroids into k2.
+    metric: str = "cosine",
+    k2_factor: float = 1.0,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pseudo-labels (N,) int32 for the rows of ``embeddings``, and how they were made.
 
-    Every utterance takes its centroid's Ward group (k2=None keeps the k-means
-    clusters). Clusters with fewer than ``min_cluster_size`` utterances become
-    -1; the rest are numbered 0..C-1, largest first, ties by first row.
+    k-means into k1, then Ward of the centroids into k2; every utterance takes its
+    centroid's group (k2=None keeps the k-means clusters). ``k2="auto"``: the number of
+    groups is estimated from the Ward merge heights (:func:`estimate_clusters`) and
+    multiplied by ``k2_factor`` (over-clustering). Clusters with fewer than
+    ``min_cluster_size`` utterances become -1; the rest are numbered 0..C-1, largest
+    first, ties by first row.
     """
     arr = _as_matrix(embeddings)
-    check_settings(arr.shape[0], k1, k2, min_cluster_size, niter)
+    check_settings(arr.shape[0], k1, None if k2 == "auto" else k2, min_cluster_size, niter)
     t0 = time.perf_counter()
-    centroids, assignment = spherical_kmeans(arr, k1, niter=niter, seed=seed, use_gpu=use_gpu)
+    centroids, assignment = kmeans(arr, k1, niter=niter, seed=seed, use_gpu=use_gpu, metric=metric)
     t1 = time.perf_counter()
-    if k2 is not None:
-        raw = ward_on_centroids(centroids, k2)[assignment]
-    else:
+    info: dict[str, Any] = {"kmeans_seconds": round(t1 - t0, 3)}
+    if k2 is None:
         raw = assignment
+    else:
+        z = ward_linkage(centroids)
+        if k2 == "auto":
+            estimate = estimate_clusters(z)
+            k2 = int(min(max(round(k2_factor * estimate), 2), k1 - 1))
+            info.update({"k2_estimate": estimate, "k2_factor": float(k2_factor)})
+        info["k2_used"] = int(k2)
+        raw = cut_linkage(z, int(k2))[assignment]
     labels = _finalise(raw, min_cluster_size)
+    info["ward_seconds"] = round(time.perf_counter() - t1, 3)
     log.info(
-        "clustered %d x %d embeddings: k-means k1=%d in %.1fs, Ward k2=%s in %.1fs",
-        arr.shape[0], arr.shape[1], k1, t1 - t0, k2, time.perf_counter() - t1,
+        "clustered %d x %d embeddings: %s k-means k1=%d in %.1fs, Ward k2=%s%s in %.1fs",
+        arr.shape[0], arr.shape[1], metric, k1, t1 - t0, info.get("k2_used"),
+        f" (estimate {info['k2_estimate']} × {k2_factor:g})" if "k2_estimate" in info else "", info["ward_seconds"],
     )
-    return labels
+    return labels, info
+
+
+def cluster_embeddings(
+    embeddings: np.ndarray,
+    k1: int,
+    k2: int | str | None = None,
+    min_cluster_size: int = 0,
+    niter: int = 20,
+    seed: int = 0,
+    use_gpu: bool | None = None,
+    metric: str = "cosine",
+) -> np.ndarray:
+    """The labels of :func:`pseudo_labels` alone."""
+    return pseudo_labels(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu, metric)[0]

@@ -17,7 +17,7 @@ import numpy as np
 from raysv.artifacts.embeddings import read_embeddings
 from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.labels import write_labels
-from raysv.pseudo.cluster import check_settings, cluster_embeddings, import_faiss
+from raysv.pseudo.cluster import check_settings, import_faiss, pseudo_labels
 from raysv.pseudo.diagnostics import cluster_diagnostics, manifest_speakers_of
 from raysv.runtime import cluster_gpus, ensure_ray
 
@@ -33,31 +33,35 @@ class _Clusterer:
         self,
         embeddings: np.ndarray,
         k1: int,
-        k2: int | None,
+        k2: int | str | None,
         min_cluster_size: int,
         niter: int,
         seed: int,
         use_gpu: bool | None,
-    ) -> np.ndarray:
+        metric: str,
+        k2_factor: float,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         faiss = import_faiss()
 
         # Ray sets OMP_NUM_THREADS to the actor's 1 logical CPU; the clustering
         # stage runs alone, so faiss may use every core of the node.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         faiss.omp_set_num_threads(max(1, cores))
-        return cluster_embeddings(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu)
+        return pseudo_labels(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu, metric, k2_factor)
 
 
 def run_clustering(
     embeddings: str | Path,
     out: str | Path,
     k1: int,
-    k2: int | None = None,
+    k2: int | str | None = None,
     min_cluster_size: int = 0,
     niter: int = 20,
     seed: int = 0,
     manifest: str | Path | None = None,
     use_gpu: bool | None = None,
+    metric: str = "cosine",
+    k2_factor: float = 1.0,
 ) -> dict[str, Any]:
     """The clustering stage: embeddings -> ``out/labels.parquet`` + ``out/clusters.json`` (written last, the marker).
 
@@ -72,7 +76,7 @@ def run_clustering(
     if marker.exists():
         marker.unlink()
     utt_index, x = read_embeddings(embeddings)
-    check_settings(len(utt_index), k1, k2, min_cluster_size, niter)
+    check_settings(len(utt_index), k1, None if k2 == "auto" else k2, min_cluster_size, niter)
     speakers = manifest_speakers_of(manifest, utt_index) if manifest is not None else None
 
     ensure_ray()
@@ -82,9 +86,9 @@ def run_clustering(
     on_gpu = ray_gpus and use_gpu is not False
     actor = ray.remote(_Clusterer).options(num_cpus=1, num_gpus=1 if on_gpu else 0).remote()
     try:
-        labels = ray.get(
+        labels, made = ray.get(
             actor.cluster.remote(
-                ray.put(x), k1, k2, min_cluster_size, niter, seed, use_gpu if on_gpu else False
+                ray.put(x), k1, k2, min_cluster_size, niter, seed, use_gpu if on_gpu else False, metric, k2_factor
             )
         )
     finally:
@@ -93,21 +97,24 @@ def run_clustering(
     write_labels(out, utt_index, labels)
     info: dict[str, Any] = {
         "k1": int(k1),
-        "k2": None if k2 is None else int(k2),
+        "k2": k2 if k2 in (None, "auto") else int(k2),
         "min_cluster_size": int(min_cluster_size),
         "niter": int(niter),
         "seed": int(seed),
+        "metric": metric,
         "dim": int(x.shape[1]),
         "gpu": bool(on_gpu),
         "embeddings": str(embeddings),
         "manifest": None if manifest is None else str(manifest),
     }
+    info.update(made)
     info.update(cluster_diagnostics(labels, speakers))
     info["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(marker, info)
     log.info(
-        "clustering: %d utterances -> %d clusters (k1=%d, k2=%s), %d dropped%s, %.1fs",
-        info["num_utterances"], info["num_clusters"], k1, k2, info["dropped"],
+        "clustering: %d utterances -> %d clusters (k1=%d, k2=%s%s), %d dropped%s, %.1fs",
+        info["num_utterances"], info["num_clusters"], k1, info.get("k2_used"),
+        f", {info['k2_estimate']} speakers estimated" if "k2_estimate" in info else "", info["dropped"],
         f", NMI {info['nmi']:.3f} ARI {info['ari']:.3f} purity {info['purity']:.3f}" if "nmi" in info else "",
         info["seconds"],
     )

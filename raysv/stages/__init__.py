@@ -11,12 +11,13 @@ from raysv.stages.cluster import ClusterStage
 from raysv.stages.dino import DinoStage
 from raysv.stages.evaluate import EvalStage
 from raysv.stages.extract import ExtractStage
-from raysv.stages.finetune import FinetuneStage, LmftStage
+from raysv.stages.finetune import FinetuneStage, LmftStage, SupervisedLmftStage, SupervisedStage
 from raysv.stages.simclr import SimclrStage
 
 KINDS: dict[str, StageKind] = {
     kind.name: kind
-    for kind in (DinoStage(), SimclrStage(), FinetuneStage(), LmftStage(), ExtractStage(), ClusterStage(), EvalStage())
+    for kind in (DinoStage(), SimclrStage(), FinetuneStage(), LmftStage(), SupervisedStage(), SupervisedLmftStage(),
+                 ExtractStage(), ClusterStage(), EvalStage())
 }
 
 __all__ = ["KINDS", "Stage", "StageContext", "StageKind", "StageResult"]

@@ -30,6 +30,7 @@ class Stage:
     round: int
     model: str  # id of the stage whose model this stage uses or makes
     settings_round: int = 0  # the round whose ``rounds.overrides`` apply to this stage (0: none)
+    source: str | None = None  # a training stage that continues another's model: that stage's id
 
     @property
     def folder(self) -> str:
@@ -67,6 +68,10 @@ class StageKind:
 
     name = "stage"
     trains = False
+
+    def settings(self, cfg: Config) -> Config:
+        """The config this kind of stage runs with, from its round's config (default: that config)."""
+        return cfg
 
     def config_slice(self, cfg: Config) -> dict[str, Any]:
         """The part of the (round's) config this stage's output depends on: a change here invalidates it."""

@@ -27,6 +27,8 @@ def cluster(cfg: Config, embeddings: str | Path, out: str | Path) -> dict:
         seed=c.seed,
         manifest=manifest if manifest.is_file() else None,
         use_gpu=use_gpu(cfg.ray.use_gpu),
+        metric=c.metric,
+        k2_factor=c.k2_factor,
     )
 
 
@@ -45,3 +47,5 @@ class ClusterStage(StageKind):
     def summarise(self, row: dict[str, Any], metrics: dict[str, Any]) -> None:
         row["nmi"] = metrics.get("nmi")
         row["num_clusters"] = metrics.get("num_clusters")
+        if "k2_estimate" in metrics:
+            row["speakers_estimated"] = metrics["k2_estimate"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,14 @@ from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.layout import MARKER
 from raysv.config import to_dict
 from raysv.data.trials import read_trials, resolve_trial_audio
+from raysv.embedding.core import fused_cohort
 from raysv.embedding.pool import EMBEDDINGS_FILE, embed_files
 from raysv.evaluation.evaluate import evaluate_trials
 from raysv.run_config import Config
 from raysv.stages.base import StageContext, StageKind, StageResult
 from raysv.stages.extract import extract
 
-METRICS = ("eer", "min_dcf_0.01", "min_dcf_0.05")
+METRICS = ("eer", "min_dcf_0.01", "min_dcf_0.05", "eer_asnorm", "min_dcf_0.01_asnorm", "min_dcf_0.05_asnorm")
 
 
 def evaluate_checkpoint(
@@ -32,26 +34,24 @@ def evaluate_checkpoint(
 ) -> dict[str, dict[str, Any]]:
     """Every trial list of the config (and the dev list), scored with the checkpoint.
 
-    The decision threshold is set on the dev list when there is one, otherwise on
-    the first test list, and stored in the checkpoint's ``model.json``.
+    Raw scores are always measured; with a ``cohort`` (AS-norm on) the normalised ones go
+    beside them. The decision threshold, of the scoring ``verify`` uses (AS-norm when on,
+    else raw), is set on the dev list when there is one, otherwise on the first test list,
+    and stored in the checkpoint's ``model.json`` with the protocol it belongs to.
     """
     lists = dict(cfg.data.trials)
     if cfg.data.dev_trials is not None:
         lists = {"dev": cfg.data.dev_trials, **lists}
     if not lists:
         raise ValueError("data.trials is empty: name at least one trial list to evaluate on")
+    protocol = cfg.eval.protocol()
     top_n = cfg.eval.asnorm.top_n if cohort is not None else None
+    scoring_cohort = None if cohort is None else (cohort if protocol.cosine else fused_cohort(cohort))
     # One pass of the actor pool embeds the audio of every list (a pass costs seconds to start).
     files = {name: resolve_trial_audio(read_trials(t.path), t.audio_root) for name, t in lists.items()}
     started = time.perf_counter()
-    by_path = embed_files(
-        checkpoint,
-        {str(p): p for per_list in files.values() for p in per_list.values()},
-        crops=cfg.eval.crops,
-        crop_seconds=cfg.eval.crop_seconds,
-        max_seconds=cfg.eval.max_seconds,
-        seed=cfg.eval.seed,
-    )
+    by_path = embed_files(checkpoint, {str(p): p for per_list in files.values() for p in per_list.values()},
+                          protocol=protocol)
     embed_seconds = round(time.perf_counter() - started, 3)
     results: dict[str, dict[str, Any]] = {}
     threshold = None
@@ -61,7 +61,8 @@ def evaluate_checkpoint(
             trial_list.path,
             trial_list.audio_root,
             checkpoint=checkpoint,
-            cohort=cohort,
+            protocol=protocol,
+            cohort=scoring_cohort,
             top_n=top_n,
             plots_dir=plots,
             threshold=threshold,
@@ -69,17 +70,15 @@ def evaluate_checkpoint(
         )
         metrics["embed_seconds"] = embed_seconds  # of the shared pass over all lists
         if threshold is None:
-            threshold = float(metrics["threshold"])
+            threshold = float(metrics["threshold_asnorm" if cohort is not None else "threshold"])
         results[name] = metrics
     meta = read_model_json(checkpoint)
     meta["threshold"] = threshold
     meta["threshold_from"] = next(iter(lists))
-    meta["eval"] = {
-        "crops": cfg.eval.crops,
-        "crop_seconds": cfg.eval.crop_seconds,
-        "max_seconds": cfg.eval.max_seconds,
-        "seed": cfg.eval.seed,
-    }
+    meta["threshold_scoring"] = "asnorm" if cohort is not None else "raw"
+    meta["eval"] = dataclasses.asdict(protocol)
+    meta.pop("cohort", None)
+    meta.pop("asnorm_top_n", None)
     if cohort is not None and top_n:
         np.save(Path(checkpoint) / "cohort.npy", cohort.astype(np.float32))
         meta["cohort"] = "cohort.npy"
@@ -122,6 +121,6 @@ class EvalStage(StageKind):
     def summarise(self, row: dict[str, Any], metrics: dict[str, Any]) -> None:
         trials = metrics["trials"]
         tests = {k: v for k, v in trials.items() if k != "dev"}
-        row["trials"] = {name: {k: v[k] for k in METRICS} for name, v in trials.items()}
+        row["trials"] = {name: {k: v[k] for k in METRICS if k in v} for name, v in trials.items()}
         first = next(iter(tests.values()), None) or next(iter(trials.values()))
-        row.update({k: first[k] for k in METRICS})
+        row.update({k: first[k] for k in METRICS if k in first})

@@ -22,6 +22,7 @@ def extract(cfg: Config, checkpoint: str | Path, out: str | Path, shards: str | 
         batch_size=cfg.extract.batch_size,
         num_actors=cfg.extract.num_actors,
         use_gpu=use_gpu(cfg.ray.use_gpu),
+        normalize=cfg.extract.normalize,
     )
 
 
@@ -29,7 +30,7 @@ class ExtractStage(StageKind):
     name = "extract"
 
     def config_slice(self, cfg: Config) -> dict[str, Any]:
-        return {"shards": cfg.data.shards, "max_seconds": cfg.extract.max_seconds}
+        return {"shards": cfg.data.shards, "max_seconds": cfg.extract.max_seconds, "normalize": cfg.extract.normalize}
 
     def run(self, ctx: StageContext) -> StageResult:
         return StageResult(metrics=extract(ctx.cfg, ctx.layout.model(ctx.stage.model), ctx.folder))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from raysv.artifacts.checkpoint import load_training_state
-from raysv.artifacts.labels import read_labels, write_labels
+from raysv.artifacts.labels import read_labels, speaker_labels, write_labels
+from raysv.artifacts.shards import read_manifest
 from raysv.config import to_dict
 from raysv.data.pipelines import check_augment, label_table, supervised_dataset
 from raysv.run_config import Config
@@ -55,12 +57,14 @@ def finetune(
     rows = int((values >= 0).sum())
     steps = steps_per_epoch(rows, section.batch_size, cfg.ray.num_workers)
     dataset = supervised_dataset(cfg.data, table, section.crop_seconds, with_clean=section.label_correction.enabled)
+    pretrained = pretrained_backbone(cfg)
     args = {
         "steps_per_epoch": steps,
         "labels": str(Path(labels).resolve()),
         "init": str(Path(init).resolve()) if init else None,
         "init_classifier": large_margin,
-        "pretrained": pretrained_backbone(cfg),
+        "pretrained": pretrained,
+        "anchor": l2sp_anchor(cfg, pretrained),
     }
     settings = train_settings(cfg, run_name or f"{cfg.name}-{'lmft' if large_margin else 'finetune'}")
     log.info("fine-tune: %d labelled utterances, %d classes, %d steps/epoch", rows, int(values.max()) + 1, steps)
@@ -69,6 +73,20 @@ def finetune(
     kept = final >= 0
     write_labels(out, np.nonzero(kept)[0], final[kept].astype(np.int32))
     return out
+
+
+def l2sp_anchor(cfg: Config, pretrained: str | None) -> str | None:
+    """The weights L2-SP pulls towards (``finetune.l2sp_anchor: pretrained``): the pre-trained WavLM, or the DINO encoder.
+
+    None: the stage's own starting weights.
+    """
+    if cfg.finetune.l2sp_anchor != "pretrained":
+        return None
+    m = cfg.finetune.model
+    if m.kind == "wavlm_mhfa":
+        return pretrained
+    dino = cfg.layout.model("round_0/dino")
+    return str(dino.resolve()) if m.ecapa_init == "dino" and dino.is_dir() else None
 
 
 def finetune_init(rcfg: Config, round_index: int) -> Path | None:
@@ -101,6 +119,8 @@ class FinetuneStage(StageKind):
 
 
 class LmftStage(StageKind):
+    """The large-margin fine-tune of the model of stage ``source``, on the labels it trained on."""
+
     name = "lmft"
     trains = True
 
@@ -108,7 +128,48 @@ class LmftStage(StageKind):
         return {"seed": cfg.seed, "data": data_slice(cfg), "finetune": to_dict(cfg.finetune), "lmft": to_dict(cfg.lmft)}
 
     def run(self, ctx: StageContext) -> StageResult:
-        source = ctx.layout.model(f"round_{ctx.stage.round}/finetune")
+        source = ctx.layout.model(ctx.stage.source or f"round_{ctx.stage.round}/finetune")
         finetune(ctx.cfg, source / "labels.parquet", ctx.layout.model(ctx.stage.id), init=source, large_margin=True,
                  run_name=ctx.train_name, mlflow=ctx.mlflow, fault=ctx.fault)
         return StageResult()
+
+
+def supervised_settings(cfg: Config) -> Config:
+    """The supervised reference's settings: the last round's, on true labels, gate and correction off
+    (they would "correct" right labels), and ``reference.epochs`` when set."""
+    f = cfg.finetune
+    epochs = cfg.reference.epochs or f.epochs
+    f = dataclasses.replace(
+        f,
+        epochs=epochs,
+        loss_gate=dataclasses.replace(f.loss_gate, enabled=False),
+        label_correction=dataclasses.replace(f.label_correction, enabled=False),
+    )
+    return dataclasses.replace(cfg, finetune=f)
+
+
+class SupervisedStage(FinetuneStage):
+    """The round model trained on the true speakers of the shards, started as round 1 starts."""
+
+    name = "supervised"
+
+    def settings(self, cfg: Config) -> Config:
+        return supervised_settings(cfg)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        labels = ctx.folder / "true_labels"
+        utt, values, names = speaker_labels(read_manifest(ctx.cfg.data.shards, ["utt_index", "speaker"]))
+        write_labels(labels, utt, values)
+        log.info("supervised reference: %d utterances of %d speakers", len(utt), len(names))
+        finetune(ctx.cfg, labels / "labels.parquet", ctx.layout.model(ctx.stage.id), init=finetune_init(ctx.cfg, 1),
+                 run_name=ctx.train_name, mlflow=ctx.mlflow, fault=ctx.fault)
+        return StageResult()
+
+
+class SupervisedLmftStage(LmftStage):
+    """The large-margin stage of the supervised reference, gate and correction off too."""
+
+    name = "supervised_lmft"
+
+    def settings(self, cfg: Config) -> Config:
+        return supervised_settings(cfg)

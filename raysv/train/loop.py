@@ -28,6 +28,9 @@ from raysv.methods.base import Method
 
 log = logging.getLogger("raysv.train")
 
+ROWS_PER_READ = 16
+"""Rows per batch a method that forms its own batches (``custom_batches``) reads from its shard."""
+
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as tensors and numbers (weights_only-loadable)."""
@@ -46,6 +49,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
     torch.set_rng_state(state["torch"])
+
+
+def _all_have(has: bool) -> bool:
+    """Whether every worker of the process group has a batch for the next step (True alone)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return has
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1 if has else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def agreed_batches(batches: Iterable[Any]) -> Iterator[Any]:
+    """The batches while every worker still has one: DDP needs the same number of steps everywhere.
+
+    A worker whose stream runs longer (its share of an epoch's selection was larger, or
+    its last rows made no batch elsewhere) drains the rest untrained, so the next epoch's
+    stream starts clean.
+    """
+    iterator = iter(batches)
+    for batch in iterator:
+        if not _all_have(True):
+            for _ in iterator:
+                pass
+            return
+        yield batch
+    _all_have(False)
 
 
 def run_epochs(
@@ -70,7 +101,7 @@ def run_epochs(
         pids: set[int] = set()
         seen: list[torch.Tensor] = []
         waited = 0.0  # time blocked on the input pipeline: high means data-bound, not model-bound
-        iterator = iter(batches(epoch))
+        iterator = agreed_batches(batches(epoch))
         while True:
             asked = time.time()
             batch = next(iterator, None)
@@ -181,13 +212,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = StageLogger.from_config(config.get("mlflow")) if rank == 0 else None
 
     def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        return shard.iter_torch_batches(
-            batch_size=per_worker,
-            drop_last=True,
-            local_shuffle_buffer_size=settings["shuffle_buffer"] or None,
-            prefetch_batches=settings["prefetch_batches"],
-            device=device,
-        )
+        shuffle = settings["shuffle_buffer"] or None
+        if not method.custom_batches:
+            return shard.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=shuffle,
+                                            prefetch_batches=settings["prefetch_batches"], device=device)
+        rows = shard.iter_batches(batch_size=ROWS_PER_READ, batch_format="numpy", local_shuffle_buffer_size=shuffle,
+                                  prefetch_batches=settings["prefetch_batches"])
+        return ({k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in b.items()}
+                for b in method.rebatch(rows, epoch, per_worker))
 
     record = config.get("record_dir")
     dev = config.get("dev_eval")

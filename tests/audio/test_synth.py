@@ -90,7 +90,7 @@ def test_trials_capped_when_too_few_pairs(tmp_path):
 
 
 def test_make_trials_rejection_path_matches_rules(monkeypatch):
-    import raysv.audio.synth as synth
+    import raysv.audio.synth.corpus as synth
 
     monkeypatch.setattr(synth, "_ENUMERATE_LIMIT", 0)  # force rejection sampling
     spk = np.repeat(np.arange(30), 6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysv.embedding.core import chunk_bounds, l2_normalize, multicrop_embedding
+from raysv.embedding.core import TrialProtocol, chunk_bounds, crop_starts, l2_normalize, trial_vector
 from raysv.evaluation.scoring import cosine_scores
 
 
@@ -25,19 +25,20 @@ def test_l2_normalize_and_cosine_match_direct_computation() -> None:
         cosine_scores(a, b[:5])
 
 
-def test_multicrop_zero_crops_is_whole_utterance() -> None:
+def test_trial_vector_zero_crops_is_whole_utterance() -> None:
     wave = np.random.default_rng(3).standard_normal(5000).astype(np.float32)
     embed = _RecordingEmbedder()
-    got = multicrop_embedding(embed, wave, crops=0, crop_samples=1000, rng=np.random.default_rng(0))
+    got = trial_vector(embed, wave, TrialProtocol(crops=0), sample_rate=1000)
     whole = _RecordingEmbedder()(wave[None])[0]
     np.testing.assert_allclose(got, whole / np.linalg.norm(whole), rtol=1e-5)
     assert len(embed.batches) == 1
 
 
-def test_multicrop_averages_normalised_crops() -> None:
+def test_embedding_fusion_averages_normalised_random_crops() -> None:
     wave = np.random.default_rng(4).standard_normal(5000).astype(np.float32)
     embed = _RecordingEmbedder()
-    got = multicrop_embedding(embed, wave, crops=5, crop_samples=1200, rng=np.random.default_rng(0))
+    protocol = TrialProtocol(crops=5, crop_seconds=1.2, positions="random", fusion="embedding")
+    got = trial_vector(embed, wave, protocol, sample_rate=1000)
     assert [b.shape for b in embed.batches] == [(1, 5000), (5, 1200)]
     for crop in embed.batches[1]:  # each crop is a contiguous piece of the wave
         starts = [s for s in range(5000 - 1200 + 1) if wave[s] == crop[0]]
@@ -49,8 +50,28 @@ def test_multicrop_averages_normalised_crops() -> None:
 
     short = wave[:500]
     embed = _RecordingEmbedder()
-    multicrop_embedding(embed, short, crops=3, crop_samples=1200, rng=np.random.default_rng(0))
+    trial_vector(embed, short, protocol, sample_rate=1000)
     np.testing.assert_array_equal(embed.batches[1][0], np.tile(short, 3)[:1200])
+
+
+def test_score_fusion_is_half_the_crop_matrix_mean_plus_half_the_full_cosine() -> None:
+    """The reference's trial score: ½ · mean of the 15 × 15 cosines of evenly spaced crops + ½ · full cosine."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal(9000).astype(np.float32), rng.standard_normal(7000).astype(np.float32)
+    protocol = TrialProtocol(crops=15, crop_seconds=2.0, positions="even", fusion="score")
+    embed = _RecordingEmbedder()
+    score = float(trial_vector(embed, a, protocol, sample_rate=1000) @ trial_vector(embed, b, protocol, sample_rate=1000))
+
+    def crops(w: np.ndarray) -> list[np.ndarray]:
+        starts = [round(i * (len(w) - 2000) / 14) for i in range(15)]  # first at 0, last at the end
+        return [w[s:s + 2000] for s in starts]
+
+    ref = _RecordingEmbedder()
+    ea, eb = ref(np.stack(crops(a))), ref(np.stack(crops(b)))
+    matrix = [[_cos(x, y) for y in eb] for x in ea]
+    full = _cos(ref(a[None])[0], ref(b[None])[0])
+    assert score == pytest.approx(0.5 * np.mean(matrix) + 0.5 * full, rel=1e-5)
+    assert crop_starts(9000, 2000, 15, "even", rng).tolist() == [round(i * 7000 / 14) for i in range(15)]
 
 
 def test_chunk_bounds_cover_the_utterance():

@@ -12,6 +12,7 @@ from scipy.signal import lfilter
 
 from raysv.artifacts.checkpoint import read_model_json, save_model, write_model_json
 from raysv.embedding.baseline import fbank_mean_embedding
+from raysv.embedding.core import TrialProtocol
 from raysv.evaluation.evaluate import evaluate_trials, format_metrics
 from raysv.evaluation.metrics import compute_eer, compute_min_dcf
 from raysv.inference import load_model
@@ -53,7 +54,8 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     folder = save_model(tmp_path_factory.mktemp("ckpt"), ECAPAEncoder(channels=32, mfa_channels=96, embed_dim=16))
     meta = read_model_json(folder)
-    meta["eval"] = {"crops": 2, "crop_seconds": 0.5, "max_seconds": 30.0, "seed": 0}
+    meta["eval"] = {"crops": 2, "crop_seconds": 0.5, "max_seconds": 30.0, "seed": 0, "positions": "even",
+                    "fusion": "score"}
     write_model_json(folder, meta)
     return folder
 
@@ -123,13 +125,13 @@ def test_missing_trial_files_are_named(corpus, tmp_path):
 
 
 def test_checkpoint_evaluation_matches_speaker_model(ray_session, corpus, checkpoint, tmp_path):
-    """Ray actors (embed_files) and the in-process SpeakerModel give the same multi-crop scores."""
+    """Ray actors (embed_files) and the in-process SpeakerModel give the same multi-crop, score-fused scores."""
     root, trials, rows = corpus
-    result = evaluate_trials(
-        trials, root, checkpoint=checkpoint, crops=2, crop_seconds=0.5, max_seconds=30.0, seed=0, plots_dir=tmp_path
-    )
+    protocol = TrialProtocol(crops=2, crop_seconds=0.5, max_seconds=30.0, seed=0, positions="even", fusion="score")
+    result = evaluate_trials(trials, root, checkpoint=checkpoint, protocol=protocol, plots_dir=tmp_path)
     model = load_model(checkpoint, device="cpu")
-    emb = {rel: model.embed(root / rel) for rel in {r[1] for r in rows} | {r[2] for r in rows}}
+    assert model.protocol == protocol
+    emb = {rel: model.trial_vector(root / rel) for rel in {r[1] for r in rows} | {r[2] for r in rows}}
     direct = np.array([emb[e] @ emb[t] for _, e, t in rows])
     labels = np.array([int(r[0]) for r in rows])
     written = np.array([float(line.split()[0]) for line in (tmp_path / "scores.txt").read_text().splitlines()])
@@ -150,8 +152,11 @@ def test_speaker_model_embedding_and_verify(corpus, checkpoint, tmp_path):
         ref = model.encoder(torch.from_numpy(wave)[None])[0].numpy()
     np.testing.assert_allclose(plain_model.embed(wave), ref / np.linalg.norm(ref), atol=1e-5)
     np.testing.assert_allclose(plain_model.embed(root / rows[0][1]), ref / np.linalg.norm(ref), atol=1e-5)
-    # Crops are deterministic: the same audio gives the same embedding, by path or by array.
-    np.testing.assert_allclose(model.embed(root / rows[0][1]), model.embed(wave), atol=1e-6)
+    # A single file's embedding is its whole length's; the trial vector adds the evaluation's crops,
+    # deterministically: the same audio gives the same vector, by path or by array.
+    np.testing.assert_allclose(model.embed(wave), plain_model.embed(wave), atol=1e-6)
+    np.testing.assert_allclose(model.trial_vector(root / rows[0][1]), model.trial_vector(wave), atol=1e-6)
+    assert model.trial_vector(wave).shape == (2 * model.embed_dim,)
 
     with pytest.raises(ValueError, match="threshold="):
         model.verify(wave, wave)
@@ -172,7 +177,8 @@ def test_speaker_model_asnorm(corpus, checkpoint, tmp_path):
     cohort = rng.standard_normal((20, 16)).astype(np.float32)
     folder = tmp_path / "asnorm"
     base = load_model(checkpoint, device="cpu")
-    save_model(folder, base.encoder, {**base.meta, "cohort": "cohort.npy", "asnorm_top_n": 5})
+    whole_files = {**base.meta["eval"], "crops": 0}  # cosines of whole-file embeddings, AS-normalised
+    save_model(folder, base.encoder, {**base.meta, "eval": whole_files, "cohort": "cohort.npy", "asnorm_top_n": 5})
     np.save(folder / "cohort.npy", cohort)
     model = load_model(folder, device="cpu")
     a, b = root / rows[0][1], root / rows[5][2]
@@ -188,3 +194,17 @@ def test_speaker_model_asnorm(corpus, checkpoint, tmp_path):
     expected = 0.5 * ((raw - ma) / sa + (raw - mb) / sb)
     assert model.score(a, b) == pytest.approx(expected, abs=1e-4)
     assert model.score(a, b) != pytest.approx(raw, abs=1e-3)
+
+
+def test_asnorm_figures_go_beside_the_raw_ones(corpus):
+    """With a cohort, the raw cosine figures stay the headline and the AS-norm ones are added beside them."""
+    root, trials, rows = corpus
+    raw = evaluate_trials(trials, root)
+    cohort = np.random.default_rng(4).standard_normal((30, 160)).astype(np.float32)
+    both = evaluate_trials(trials, root, cohort=cohort, top_n=10)
+    assert both["eer"] == pytest.approx(raw["eer"]) and both["threshold"] == pytest.approx(raw["threshold"])
+    assert both["scoring"] == "asnorm" and raw["scoring"] == "raw"
+    for key in ("eer", "min_dcf_0.01", "min_dcf_0.05", "threshold"):
+        assert f"{key}_asnorm" in both and f"{key}_asnorm" not in raw
+    assert both["threshold_asnorm"] != pytest.approx(both["threshold"])
+    assert "(AS-norm" in format_metrics("toy", both)

@@ -104,6 +104,11 @@ def toy_config() -> FinetuneConfig:
     f.loss.scale = 10.0
     f.loss_gate.start_epoch = GATE_EPOCH
     f.label_correction.start_epoch = CORRECT_EPOCH
+    # The gate on last epoch's linear losses, corrections kept in the label table, a plain loss:
+    # the alternatives to the reference's rules, whose own tests are in test_noisy_labels.py.
+    f.loss_gate.space, f.loss_gate.compare = "linear", "previous"
+    f.label_correction.logits, f.label_correction.persist = "cosine", True
+    f.objective, f.clip_grad, f.lr.weight_decay = "plain", 5.0, 1e-4
     return f
 
 
@@ -315,6 +320,7 @@ def test_l2sp_zero_at_start_and_grows(tmp_path):
         m.kind, m.pretrained, m.heads, m.compression, m.embed_dim = "wavlm_mhfa", str(pretrained), 2, 8, 16
         cfg.lr.backbone = cfg.lr.head = 1e-3
         cfg.l2sp = l2sp
+        cfg.objective = "plain"  # l2sp · Σ‖θ−θ₀‖²; the reference's normalised form: test_noisy_labels.py
         method = SupervisedMethod(cfg, seed=0, steps_per_epoch=4, labels=str(tmp_path / "labels"))
         method.setup(torch.device("cpu"), lambda mod: mod)
         method.start_epoch(0)

@@ -327,7 +327,7 @@ def test_build_encoder_roundtrip_ecapa():
     with torch.no_grad():
         enc(torch.randn(4, 16000))  # move BN running stats off their defaults
     spec = json.loads(json.dumps(enc.spec()))
-    assert spec == {"kind": "ecapa", "channels": 64, "mfa_channels": 192, "embed_dim": 48, "n_mels": 40}
+    assert spec == {"kind": "ecapa", "channels": 64, "mfa_channels": 192, "embed_dim": 48, "n_mels": 40, "norm": "mean"}
     rebuilt = build_encoder(spec)
     x = torch.randn(2, 20000)
     assert not torch.allclose(rebuilt.eval()(x), enc.eval()(x))

@@ -18,7 +18,9 @@ from raysv.pseudo.cluster import (
     _cut_first_merges,
     _openblas_coretype,
     cluster_embeddings,
-    spherical_kmeans,
+    estimate_clusters,
+    kmeans,
+    pseudo_labels,
     ward_on_centroids,
 )
 from raysv.pseudo.diagnostics import cluster_diagnostics
@@ -58,7 +60,7 @@ def test_kmeans_uses_every_point() -> None:
     # 3000 points, k=3: faiss' default would train on 768 of them. With every
     # point used, each converged centroid is the normalised mean of all its members.
     x, _ = speakers_data(n_speakers=3, per_speaker=1000, dim=16, noise=0.5, seed=3)
-    centroids, assign = spherical_kmeans(x, 3, niter=60, seed=0)
+    centroids, assign = kmeans(x, 3, niter=60, seed=0, metric="cosine")
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     for c in range(3):
         mean = xn[assign == c].mean(axis=0)
@@ -191,3 +193,27 @@ def test_faiss_blas_uses_the_cpu_vector_kernels() -> None:
 # ---------------------------------------------------------------- Ray stage
 
 
+
+
+@pytest.mark.parametrize("speakers", [20, 60, 200])
+def test_k2_auto_estimates_the_number_of_speakers(speakers: int) -> None:
+    """k2: auto — the knee of the Ward merge heights of the k-means centroids, within ±30 % of the truth."""
+    rng = np.random.default_rng(speakers)
+    sizes = rng.integers(10, 40, speakers)  # unequal speakers
+    centres = rng.standard_normal((speakers, 64))
+    x = np.repeat(centres, sizes, axis=0) + rng.standard_normal((sizes.sum(), 64)) * 0.9
+    labels, info = pseudo_labels(x, k1=min(6 * speakers, len(x) // 3), k2="auto", metric="cosine", k2_factor=1.0)
+    assert abs(info["k2_estimate"] - speakers) <= 0.3 * speakers, info
+    assert info["k2_used"] == info["k2_estimate"] == len(np.unique(labels))
+    _, over = pseudo_labels(x, k1=min(6 * speakers, len(x) // 3), k2="auto", metric="cosine", k2_factor=2.0)
+    assert over["k2_used"] == round(2.0 * over["k2_estimate"])  # over-clustering by the factor
+
+
+def test_l_method_finds_the_knee_of_two_lines() -> None:
+    """On an evaluation graph made of a steep line then a flat one, the knee is where they meet."""
+    n = 200  # leaves: merge heights for 199 merges, listed in ascending order as linkage gives them
+    k = np.arange(2, n + 1)
+    heights = np.where(k <= 30, 100.0 - 3.0 * k, 10.0 - 0.01 * k)  # k clusters → k - 1
+    z = np.zeros((n - 1, 4))
+    z[:, 2] = heights[::-1]
+    assert abs(estimate_clusters(z) - 30) <= 2
