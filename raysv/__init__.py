@@ -3,11 +3,11 @@
 __version__ = "0.1.0"
 
 
-def load_model(path, device=None):
-    """A trained raysv model folder as an object with ``embed``, ``score`` and ``verify``."""
+def load_model(path, device=None, runtime=None, threads=None):
+    """A trained model (a raysv model folder, or an exported ``.onnx`` file) as a :class:`raysv.inference.SpeakerModel`."""
     from raysv.inference import load_model as _load
 
-    return _load(path, device)
+    return _load(path, device, runtime, threads)
 
 
 __all__ = ["load_model", "__version__"]

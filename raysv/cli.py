@@ -51,7 +51,9 @@ def cmd_synth(args) -> None:
         jobs=args.jobs,
         style=args.style,
     )
-    print(json.dumps(summary, indent=2, default=str))
+    print(f"{summary['utterances']} utterances of {summary['speakers']} {summary['style']} speakers "
+          f"({summary['seconds'] / 3600:.2f} h), {summary['trials']} trials, in {summary['out']}"
+          + (f"; {summary['note']}" if summary["note"] else ""))
 
 
 def cmd_prepare(args) -> None:
@@ -77,6 +79,8 @@ def cmd_evaluate(args) -> None:
     from raysv.stages.evaluate import evaluate_checkpoint
 
     if args.checkpoint and args.config and not args.trials:
+        if args.skip_bad:
+            args.overrides = [*args.overrides, "eval.skip_bad=true"]
         cfg = _load(args)
         results = evaluate_checkpoint(cfg, args.checkpoint, plots_dir=args.plots)
         for name, metrics in results.items():
@@ -98,6 +102,7 @@ def cmd_evaluate(args) -> None:
         protocol=TrialProtocol(crops=args.crops, crop_seconds=args.crop_seconds, positions=args.crop_positions,
                                fusion=args.fusion),
         plots_dir=args.plots,
+        skip_bad=args.skip_bad,
     )
     _print_metrics(Path(args.trials).name, metrics)
     if args.json:
@@ -187,27 +192,75 @@ def cmd_status(args) -> None:
     print(format_status(args.run_dir))
 
 
+def _model(args):
+    from raysv.inference import load_model
+
+    return load_model(args.checkpoint, runtime=getattr(args, "runtime", None))
+
+
+def _audio_list(items: list[str]) -> dict[str, Path]:
+    """Files named on the command line, or the lines of a Kaldi wav.scp (a single ``.scp`` argument)."""
+    from raysv.data.wavscp import read_wav_scp
+
+    if len(items) == 1 and items[0].endswith(".scp"):
+        return read_wav_scp(items[0])
+    return {item: Path(item) for item in items}
+
+
 def cmd_embed(args) -> None:
     import numpy as np
 
-    from raysv.inference import load_model
-
-    model = load_model(args.checkpoint)
-    vectors = {f: model.embed(f) for f in args.files}
-    if args.out:
-        np.savez(args.out, **{str(i): v for i, v in enumerate(vectors.values())}, files=np.array(list(vectors)))
-        print(f"{len(vectors)} embeddings written to {args.out}")
+    model = _model(args)
+    files = _audio_list(args.files)
+    names = list(files)
+    vectors = np.stack([model.embed(p) for p in files.values()]).astype(np.float32)
+    if not args.out:
+        for name, v in zip(names, vectors):
+            print(name, " ".join(f"{x:.5f}" for x in v))
+        return
+    fmt = args.format or ("npy" if args.out.endswith(".npy") else "parquet")
+    if fmt == "npy":
+        np.save(args.out, vectors)
+        Path(args.out).with_suffix(".names.txt").write_text("\n".join(names) + "\n")
     else:
-        for f, v in vectors.items():
-            print(f, " ".join(f"{x:.5f}" for x in v))
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
+        pq.write_table(pa.table({"name": pa.array(names, pa.string()), "embedding": column}), args.out)
+    print(f"{len(names)} embeddings of dimension {vectors.shape[1]} written to {args.out} ({fmt})")
 
 
 def cmd_verify(args) -> None:
-    from raysv.inference import load_model
-
-    model = load_model(args.checkpoint)
+    model = _model(args)
     score, same = model.verify(args.a, args.b, threshold=args.threshold)
     print(f"score {score:.4f}: {'same speaker' if same else 'different speakers'}")
+
+
+def cmd_export(args) -> None:
+    from raysv.export import export_onnx
+
+    path = export_onnx(args.checkpoint, args.out, seconds=args.seconds)
+    print(f"ONNX model: {path}")
+
+
+def cmd_enroll(args) -> None:
+    model = _model(args)
+    count = model.enroll(args.db, args.name, list(_audio_list(args.files).values()))
+    print(f"{args.name}: {count} file(s) enrolled in {args.db}")
+
+
+def cmd_identify(args) -> None:
+    model = _model(args)
+    threshold = args.threshold if args.threshold is not None else model.embedding_threshold
+    if not Path(args.db).is_file():
+        raise FileNotFoundError(f"speaker database {args.db} does not exist: enroll speakers first")
+    from raysv.speakers import SpeakerDB
+
+    db = SpeakerDB(args.db, dim=model.embed_dim)
+    for name, path in _audio_list(args.files).items():
+        matches = model.identify(db, path, top=args.top, threshold=threshold)
+        print(name, " ".join(f"{m.name}:{m.score:.4f}" for m in matches))
 
 
 def cmd_sweep(args) -> None:
@@ -274,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-seconds", type=float, default=4.0)
     p.add_argument("--plots", help="folder for the DET curve, score histogram and scores")
     p.add_argument("--json", help="write the metrics here")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="drop the trials of unusable audio files (named) instead of stopping")
     _config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -332,18 +387,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("embed", help="embeddings of audio files with a trained model")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("files", nargs="+")
-    p.add_argument("--out", help=".npz file (default: print)")
+    runtime_help = "torch (a model folder) or onnx (a file from raysv export); default: from the path"
+    p = sub.add_parser("embed", help="whole-file embeddings of audio files (or a Kaldi wav.scp) with a trained model")
+    p.add_argument("--checkpoint", required=True, help="a model folder, or an exported .onnx file")
+    p.add_argument("files", nargs="+", help="audio files, or one wav.scp (utt_id path per line)")
+    p.add_argument("--out", help="file to write (default: print)")
+    p.add_argument("--format", choices=("parquet", "npy"), help="parquet: name + embedding; npy: (N, D) and a .names.txt")
+    p.add_argument("--runtime", choices=("torch", "onnx"), help=runtime_help)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("verify", help="same speaker or not: score two files with a trained model")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a model folder, or an exported .onnx file")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--threshold", type=float, help="default: the one stored at evaluation")
+    p.add_argument("--runtime", choices=("torch", "onnx"), help=runtime_help)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("export", help="the model as ONNX: 16 kHz waveform in, unit embedding out (dynamic batch/length)")
+    p.add_argument("--checkpoint", required=True, help="a model folder")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", help="default: <checkpoint>/model.onnx")
+    p.add_argument("--seconds", type=float, default=2.0, help="length of the example waveforms traced")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("enroll", help="add a speaker's files to a speaker database (Parquet: name, sum, count)")
+    p.add_argument("--checkpoint", required=True, help="a model folder, or an exported .onnx file")
+    p.add_argument("--db", required=True, help="the database file (created when missing)")
+    p.add_argument("name")
+    p.add_argument("files", nargs="+", help="audio files, or one wav.scp")
+    p.add_argument("--runtime", choices=("torch", "onnx"), help=runtime_help)
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser("identify", help="the best enrolled speakers for each file, 'unknown' below the threshold")
+    p.add_argument("--checkpoint", required=True, help="a model folder, or an exported .onnx file")
+    p.add_argument("--db", required=True)
+    p.add_argument("files", nargs="+", help="audio files, or one wav.scp")
+    p.add_argument("--top", type=int, default=1, help="how many speakers to list per file")
+    p.add_argument("--threshold", type=float, help="default: the model's whole-file cosine threshold")
+    p.add_argument("--runtime", choices=("torch", "onnx"), help=runtime_help)
+    p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep over clustering sizes and margins for one round")
     _config_args(p, required=True)
@@ -353,14 +436,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
-    )
+    if args.verbose:
+        os.environ["RAYSV_VERBOSE"] = "1"  # Ray's own output too (runtime.verbose)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(message)s" if not args.verbose else "%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "matplotlib", "fsspec", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    from raysv.audio.io import AudioReadError
     from raysv.config import ConfigError
+    from raysv.errors import InputError
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, InputError, AudioReadError, FileNotFoundError, FileExistsError) as err:
+        if args.verbose:
+            raise
         print(f"raysv {args.command}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 T = TypeVar("T")
 
@@ -30,6 +28,9 @@ class ConfigError(ValueError):
 
 def build(schema: type[T], data: dict[str, Any] | None = None, prefix: str = "") -> T:
     """An instance of dataclass ``schema`` from a plain mapping, every key and type checked."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     try:
@@ -39,7 +40,9 @@ def build(schema: type[T], data: dict[str, Any] | None = None, prefix: str = "")
         raise ConfigError(_describe(err, schema, prefix)) from None
 
 
-def _describe(err: OmegaConfBaseException, schema: type, prefix: str) -> str:
+def _describe(err: Exception, schema: type, prefix: str) -> str:
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
     key = str(getattr(err, "full_key", "") or "")
     key = f"{prefix}.{key}" if prefix and key else (key or prefix or "config")
     first = str(err).splitlines()[0] if str(err) else type(err).__name__

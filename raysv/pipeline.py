@@ -15,6 +15,7 @@ stage does is in ``raysv.stages``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -24,8 +25,10 @@ from typing import Any
 
 from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.layout import RunLayout
+from raysv.artifacts.lock import RunLock
 from raysv.artifacts.shards import manifest_columns
 from raysv.config import ConfigError
+from raysv.errors import InputError
 from raysv.run_config import Config, config_from_dict, round_config
 from raysv.runtime import ensure_ray, storage_path
 from raysv.stages import KINDS, Stage, StageContext
@@ -110,7 +113,7 @@ class RunState:
         write_json(self.path, self.data)
 
 
-class ConfigChanged(ValueError):
+class ConfigChanged(InputError):
     """A completed stage's config differs from the current one."""
 
 
@@ -140,11 +143,45 @@ def run_pipeline(
     restart_from: str | None = None,
     fault: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) every stage; return the results table also written to ``results.json``."""
+    """Run (or continue) every stage; return the results table also written to ``results.json``.
+
+    The run directory is held for the run's length (``run.lock``: a second ``raysv run`` on it
+    is refused, naming this one's host and pid), and everything logged goes to ``run.log``.
+    """
+    layout = cfg.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with RunLock(layout.lock), _log_to(layout.log):
+        return _run(cfg, until, restart_from, fault)
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    """Everything raysv and the libraries log, at DEBUG and with its source, appended to ``path``."""
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    raysv_logger = logging.getLogger("raysv")
+    previous = raysv_logger.level
+    console = [h for h in root.handlers if h.level == logging.NOTSET] if root.getEffectiveLevel() > logging.DEBUG else []
+    for h in console:  # the console keeps its level: raysv's debug lines go to the file only
+        h.setLevel(root.getEffectiveLevel())
+    root.addHandler(handler)
+    raysv_logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        raysv_logger.setLevel(previous)
+        for h in console:
+            h.setLevel(logging.NOTSET)
+        handler.close()
+
+
+def _run(cfg: Config, until: str | None, restart_from: str | None, fault: dict[str, Any] | None) -> dict[str, Any]:
     from raysv.tracking import Tracker
 
     layout = cfg.layout
-    layout.root.mkdir(parents=True, exist_ok=True)
     stages = plan(cfg)
     ids = [s.id for s in stages]
     for name, value in (("--until", until), ("--restart-from", restart_from)):

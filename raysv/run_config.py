@@ -22,7 +22,7 @@ from raysv.methods.supervised import FinetuneConfig, LmftConfig
 from raysv.pseudo.cluster import ClusterConfig
 from raysv.runtime import RayConfig
 from raysv.tracking import MlflowConfig
-from raysv.train.trainer import CheckpointConfig
+from raysv.train.trainer import CheckpointConfig, TrainingConfig
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -119,6 +120,8 @@ def validate(cfg: Config) -> None:
     cfg.finetune.validate("finetune")
     cfg.simclr.validate("simclr")
     cfg.eval.validate("eval")
+    if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch < 1:
+        raise ConfigError(f"train.max_steps_per_epoch: must be positive, got {cfg.train.max_steps_per_epoch}")
     if cfg.reference.epochs is not None and cfg.reference.epochs < 1:
         raise ConfigError(f"reference.epochs: must be positive, got {cfg.reference.epochs}")
     if cfg.rounds.count < 0:

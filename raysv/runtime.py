@@ -7,7 +7,9 @@ when Ray is already up. :func:`use_gpu` is the one answer to "train/embed/cluste
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,10 +36,20 @@ class RayConfig:
         check_positive(f"{prefix}.cpus_per_worker", self.cpus_per_worker)
 
 
+VERBOSE_ENV = "RAYSV_VERBOSE"
+"""Set (``raysv -v`` sets it) to see Ray's own output: worker logs, progress bars, raylet warnings."""
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
 def ensure_ray(cfg: RayConfig | None = None) -> None:
     """Connect to ``ray.address`` (or RAY_ADDRESS), else start a local cluster sized for the run.
 
     The only place raysv calls ``ray.init``; a no-op when this process is already connected.
+    Unless :func:`verbose`, the workers' and raylets' output stays in Ray's log files (what
+    raysv has to say comes from the driver) and Ray Data draws progress bars only on a terminal.
     """
     import ray
 
@@ -45,13 +57,27 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         return
     cfg = cfg or RayConfig()
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    loud = verbose()
+    if not loud:
+        logging.getLogger("ray").setLevel(logging.WARNING)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, configure_logging=False)
-        return
-    need = int(cfg.num_workers * cfg.cpus_per_worker) + (cfg.data_cpus or 2) + 1
-    num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, need)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=True)
+        ray.init(address=address, configure_logging=False, log_to_driver=loud)
+    else:
+        need = int(cfg.num_workers * cfg.cpus_per_worker) + (cfg.data_cpus or 2) + 1
+        num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, need)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=loud)
+    quiet_data(loud)
+
+
+def quiet_data(loud: bool | None = None) -> None:
+    """Ray Data's progress bars on a terminal only (redrawn as new lines in a log file they fill it)."""
+    import ray.data
+
+    loud = verbose() if loud is None else loud
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = loud or sys.stderr.isatty()
+    ctx.print_on_execution_start = loud
 
 
 def cluster_gpus() -> int:

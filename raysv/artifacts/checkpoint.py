@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from raysv.artifacts.jsonio import write_json
-from raysv.audio.io import SAMPLE_RATE
+from raysv.audio import SAMPLE_RATE
 
 MODEL_FILE = "model.pt"
 TRAINING_FILE = "training.pt"

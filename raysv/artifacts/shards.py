@@ -107,6 +107,36 @@ def read_row_groups(groups: Iterable[tuple[str, int]], columns: list[str] | None
     return table.take(rng.permutation(table.num_rows))
 
 
+def check_shards(path: str | Path) -> None:
+    """Every shard ``report.json`` lists is there and has a readable footer, before a stage reads them.
+
+    A shard deleted or truncated after ``raysv prepare`` would otherwise fail deep inside a Ray
+    Data task mid-epoch; this names every bad file at once.
+    """
+    fs, base, _ = resolve(path)
+    try:
+        listed = read_report(path).get("shards")
+    except FileNotFoundError:
+        listed = None
+    names = listed if listed else [Path(f).name for f in shard_files(path)]
+    problems = []
+    for name in names:
+        target = f"{base}/{name}"
+        info = fs.get_file_info(target)
+        if info.type != pafs.FileType.File:
+            problems.append(f"{target}: missing")
+            continue
+        try:
+            with fs.open_input_file(target) as f:
+                pq.ParquetFile(f).metadata  # noqa: B018 - reading the footer is the check
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            problems.append(f"{target}: unreadable ({err})")
+    if problems:
+        more = f" … ({len(problems)} in all)" if len(problems) > 10 else ""
+        raise FileNotFoundError(f"the shards in {path} are damaged: " + "; ".join(problems[:10]) + more
+                                + "; prepare them again with `raysv prepare --overwrite`")
+
+
 def read_manifest(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """The rows of a shard folder's ``manifest.parquet`` (the folder, or the file itself), without audio."""
     fs, base, _ = resolve(path)

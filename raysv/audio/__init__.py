@@ -1,0 +1,4 @@
+"""Audio: decoding and resampling, the fbank front end, augmentation, toy corpora."""
+
+SAMPLE_RATE = 16000
+"""The one sample rate of every model, shard and crop (WavLM and the fbank front end assume it)."""

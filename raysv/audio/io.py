@@ -19,6 +19,8 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from raysv.audio import SAMPLE_RATE
+
 __all__ = [
     "SAMPLE_RATE",
     "AudioReadError",
@@ -51,8 +53,6 @@ FFMPEG_INSTALL_HINT = (
 
 _PCM16_SCALE = 32768.0
 
-SAMPLE_RATE = 16000
-"""The one sample rate of every model, shard and crop (WavLM and the fbank front end assume it)."""
 
 
 class AudioReadError(Exception):

@@ -239,7 +239,9 @@ def _write_shard_task(segments: list[tuple[str, int, int]], first_index: int, de
 def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    # A bar redrawn into a log file is a line per refresh: bars on a terminal only.
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr,
+                dynamic_ncols=True)
 
 
 def _is_artefact(name: str) -> bool:

@@ -24,8 +24,15 @@ from raysv.artifacts.embeddings import write_embeddings
 from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.shards import shard_utt_index
 from raysv.audio.io import SAMPLE_RATE, decode_audio, read_audio, resample
-from raysv.embedding.core import TrialProtocol, embed_equal_length, max_samples, trial_embedding
-from raysv.runtime import ensure_ray, torch_device, use_gpu as resolve_gpu
+from raysv.embedding.core import (
+    TrialProtocol,
+    embed_equal_length,
+    max_samples,
+    trial_embedding,
+)
+from raysv.errors import InputError
+from raysv.runtime import ensure_ray, torch_device
+from raysv.runtime import use_gpu as resolve_gpu
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +114,33 @@ class EmbeddingActor:
         return {"utt_index": utt_index, "embedding": emb, "pid": np.full(len(utt_index), self.pid, dtype=np.int64)}
 
     def _embed_files(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Trial vectors of files; a file that fails (undecodable, empty, NaN) is reported by name, not raised."""
         keys = [str(k) for k in batch["key"]]
-        out = []
-        for key, path in zip(keys, batch["path"]):
-            wave = read_audio(str(path), self.sample_rate)
-            if wave.size == 0:
-                raise ValueError(f"{path}: the audio is empty")
-            out.append(trial_embedding(self.encoder, wave, self.protocol, self.device, self.sample_rate))
+        out: list[np.ndarray | None] = []
+        errors = []
+        for path in batch["path"]:
+            try:
+                wave = read_audio(str(path), self.sample_rate)
+                if wave.size == 0:
+                    raise ValueError("the audio is empty")
+                out.append(trial_embedding(self.encoder, wave, self.protocol, self.device, self.sample_rate))
+                errors.append("")
+            except Exception as exc:  # noqa: BLE001 - named in the driver's one error, never a Ray "UDF failed"
+                out.append(None)
+                errors.append(f"{path}: {getattr(exc, 'reason', None) or exc}")
+        dim = next((len(v) for v in out if v is not None), self.vector_dim)
+        vectors = np.stack([v if v is not None else np.full(dim, np.nan, np.float32) for v in out]).astype(np.float32)
         return {
             "key": np.asarray(keys, dtype=object),
-            "embedding": np.stack(out).astype(np.float32),
+            "embedding": vectors,
+            "error": np.asarray(errors, dtype=object),
             "pid": np.full(len(keys), self.pid, dtype=np.int64),
         }
+
+    @property
+    def vector_dim(self) -> int:
+        dim = int(self.meta.get("embed_dim", 1))
+        return dim if self.protocol.cosine else 2 * dim
 
 
 # --------------------------------------------------------------------------- drivers
@@ -157,7 +179,7 @@ def _map_with_actors(ds: Any, batch_size: int, num_actors: int, use_gpu: bool, a
     )
 
 
-def _gather(ds: Any, key: str) -> tuple[list[np.ndarray], list[np.ndarray], set[int]]:
+def _gather(ds: Any, key: str, errors: list[str] | None = None) -> tuple[list[np.ndarray], list[np.ndarray], set[int]]:
     keys: list[np.ndarray] = []
     embs: list[np.ndarray] = []
     pids: set[int] = set()
@@ -167,6 +189,8 @@ def _gather(ds: Any, key: str) -> tuple[list[np.ndarray], list[np.ndarray], set[
         keys.append(np.asarray(batch[key]))
         embs.append(np.asarray(batch["embedding"], dtype=np.float32))
         pids.update(int(p) for p in np.unique(batch["pid"]))
+        if errors is not None and "error" in batch:
+            errors.extend(str(e) for e in batch["error"] if e)
     return keys, embs, pids
 
 
@@ -304,7 +328,11 @@ def embed_files(
         {"checkpoint": str(checkpoint), "max_seconds": protocol.max_seconds, "use_gpu": use_gpu,
          "protocol": dataclasses.asdict(protocol)},
     )
-    key_parts, emb_parts, _ = _gather(ds, "key")
+    errors: list[str] = []
+    key_parts, emb_parts, _ = _gather(ds, "key", errors)
+    if errors:
+        more = f" … and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise InputError(f"{len(errors)} audio file(s) could not be embedded: {'; '.join(sorted(errors)[:10])}{more}")
     result: dict[str, np.ndarray] = {}
     repeated: set[str] = set()
     for keys, embs in zip(key_parts, emb_parts):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from raysv.audio.io import SAMPLE_RATE, read_audio
-from raysv.data.trials import read_trials, resolve_trial_audio
+from raysv.data.trials import Trials, read_trials, usable_trials
 from raysv.embedding.baseline import fbank_mean_embedding
 from raysv.config import check_choice, check_non_negative, check_positive
 from raysv.embedding.core import TrialProtocol, trial_vector
@@ -42,6 +43,7 @@ class EvalConfig(TrialProtocol):
     """
 
     asnorm: AsNormConfig = field(default_factory=AsNormConfig)
+    skip_bad: bool = False  # drop the trials of unusable files (named in a warning) instead of stopping
 
     def protocol(self) -> TrialProtocol:
         return TrialProtocol(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrialProtocol)})
@@ -66,7 +68,8 @@ def _fbank_mean_embeddings(files: dict[str, Path], protocol: TrialProtocol) -> d
         return np.stack([fbank_mean_embedding(w, SAMPLE_RATE) for w in batch])
 
     out: dict[str, np.ndarray] = {}
-    for key, path in tqdm(files.items(), desc="fbank-mean", unit="utt", total=len(files)):
+    bar = tqdm(files.items(), desc="fbank-mean", unit="utt", total=len(files), disable=not sys.stderr.isatty())
+    for key, path in bar:
         wave = read_audio(path, SAMPLE_RATE)
         if wave.size == 0:
             raise ValueError(f"{path}: the audio is empty")
@@ -75,7 +78,7 @@ def _fbank_mean_embeddings(files: dict[str, Path], protocol: TrialProtocol) -> d
 
 
 def evaluate_trials(
-    trials: str | Path,
+    trials: str | Path | Trials,
     audio_root: str | Path,
     *,
     embedder: str = "fbank-mean",
@@ -86,6 +89,7 @@ def evaluate_trials(
     plots_dir: str | Path | None = None,
     threshold: float | None = None,
     embeddings: dict[str, np.ndarray] | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """EER, minDCF (p 0.01, 0.05), the EER threshold and the trial count of one trial list.
 
@@ -109,8 +113,11 @@ def evaluate_trials(
         raise ValueError(f"crops must be >= 0, got {protocol.crops}")
     if top_n is not None and cohort is None:
         raise ValueError("top_n is set but no AS-norm cohort was given")
-    trial_list = read_trials(trials)
-    files = resolve_trial_audio(trial_list, audio_root)
+    trial_list = trials if isinstance(trials, Trials) else read_trials(trials)
+    if embeddings is not None:
+        files = {u: Path(audio_root) / u for u in trial_list.utterances()}
+    else:
+        trial_list, files = usable_trials(trial_list, audio_root, skip_bad)
 
     start = time.perf_counter()
     if embeddings is not None:
@@ -145,7 +152,7 @@ def evaluate_trials(
         metrics.update(_write_outputs(Path(plots_dir), raw, scores if cohort is not None else None, labels,
                                       trial_list.enroll, trial_list.test,
                                       threshold if threshold is not None else used))
-    log.info(format_metrics(Path(trials).name, metrics))
+    log.debug(format_metrics(Path(trial_list.path).name, metrics))
     return metrics
 
 

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysv.artifacts.checkpoint import TRAINING_FILE, load_training_state, load_weights, read_model_json
-from raysv.artifacts.labels import read_labels
 from raysv.config import ConfigError, check_choice, check_non_negative, check_positive
 from raysv.data.sampling import UniqueClassBatches, epoch_selection
 from raysv.methods.base import LrConfig, Method, Wrap, all_reduce_sum, autocast, unwrap
@@ -197,6 +196,8 @@ class SupervisedMethod(Method):
         self.init_classifier = init_classifier
         self.pretrained = pretrained or cfg.model.pretrained
         self.anchor = anchor  # the L2-SP θ₀: a WavLM (hub id or folder) or a raysv checkpoint; None: the start
+        from raysv.artifacts.labels import read_labels  # pyarrow: only where labels are read
+
         utt_index, values = read_labels(labels)
         size = int(utt_index.max()) + 1
         table = np.full(size, -1, dtype=np.int64)

@@ -40,6 +40,7 @@ class _Clusterer:
         use_gpu: bool | None,
         metric: str,
         k2_factor: float,
+        method: str,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         faiss = import_faiss()
 
@@ -47,7 +48,7 @@ class _Clusterer:
         # stage runs alone, so faiss may use every core of the node.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         faiss.omp_set_num_threads(max(1, cores))
-        return pseudo_labels(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu, metric, k2_factor)
+        return pseudo_labels(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu, metric, k2_factor, method)
 
 
 def run_clustering(
@@ -62,6 +63,7 @@ def run_clustering(
     use_gpu: bool | None = None,
     metric: str = "cosine",
     k2_factor: float = 1.0,
+    method: str = "flat",
 ) -> dict[str, Any]:
     """The clustering stage: embeddings -> ``out/labels.parquet`` + ``out/clusters.json`` (written last, the marker).
 
@@ -84,11 +86,14 @@ def run_clustering(
     if use_gpu is True and not ray_gpus:
         log.warning("use_gpu=True but the Ray cluster has no GPU; clustering on CPU")
     on_gpu = ray_gpus and use_gpu is not False
-    actor = ray.remote(_Clusterer).options(num_cpus=1, num_gpus=1 if on_gpu else 0).remote()
+    # The clustering is deterministic: an actor lost mid-way (its node gone) is restarted and the call retried.
+    actor = ray.remote(_Clusterer).options(num_cpus=1, num_gpus=1 if on_gpu else 0, max_restarts=2,
+                                           max_task_retries=2).remote()
     try:
         labels, made = ray.get(
             actor.cluster.remote(
-                ray.put(x), k1, k2, min_cluster_size, niter, seed, use_gpu if on_gpu else False, metric, k2_factor
+                ray.put(x), k1, k2, min_cluster_size, niter, seed, use_gpu if on_gpu else False, metric, k2_factor,
+                method,
             )
         )
     finally:

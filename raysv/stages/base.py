@@ -96,7 +96,8 @@ def train_run_name(cfg: Config, stage_id: str) -> str:
     return f"{cfg.name}-{stage_id.replace('/', '-')}"
 
 
-def train_settings(cfg: Config, run_name: str) -> TrainSettings:
+def train_settings(cfg: Config, run_name: str, out: str | Path | None = None) -> TrainSettings:
+    """How a stage trains; ``out`` (the model folder) places the per-epoch progress file beside it."""
     return TrainSettings(
         run_name=run_name,
         storage=storage_path(cfg.ray, cfg.run_dir),
@@ -105,7 +106,17 @@ def train_settings(cfg: Config, run_name: str) -> TrainSettings:
         shuffle_buffer=cfg.data.shuffle_buffer,
         prefetch_batches=cfg.data.prefetch_batches,
         num_to_keep=cfg.checkpoint.num_to_keep,
+        max_steps_per_epoch=cfg.train.max_steps_per_epoch,
+        progress_file=str(Path(out).resolve().parent / "progress.log") if out is not None else None,
     )
+
+
+def standalone_run_name(cfg: Config, kind: str, out: str | Path) -> str:
+    """The Ray Train run of a single-stage command, keyed by its output folder: another ``--out`` is another run."""
+    import hashlib
+
+    digest = hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:10]
+    return f"{cfg.name}-{kind}-{digest}"
 
 
 def steps_per_epoch(rows: int, batch_size: int, num_workers: int) -> int:

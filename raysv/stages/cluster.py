@@ -29,6 +29,7 @@ def cluster(cfg: Config, embeddings: str | Path, out: str | Path) -> dict:
         use_gpu=use_gpu(cfg.ray.use_gpu),
         metric=c.metric,
         k2_factor=c.k2_factor,
+        method=c.kmeans,
     )
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from raysv.config import to_dict
+from raysv.artifacts.shards import check_shards
 from raysv.data.pipelines import check_augment, multi_crop_dataset
 from raysv.methods.dino import dino_views
 from raysv.run_config import Config
@@ -17,6 +18,7 @@ from raysv.stages.base import (
     StageResult,
     data_slice,
     shard_count,
+    standalone_run_name,
     steps_per_epoch,
     train_settings,
 )
@@ -29,12 +31,14 @@ def train_dino(cfg: Config, out: str | Path, *, run_name: str | None = None, mlf
     """DINO on ECAPA-TDNN from the shards; the teacher backbone is saved in ``out``."""
     ensure_ray(cfg.ray)
     check_augment(cfg.data.augment)
+    check_shards(cfg.data.shards)
     rows = shard_count(cfg.data.shards)
     steps = steps_per_epoch(rows, cfg.dino.batch_size, cfg.ray.num_workers)
     dataset = multi_crop_dataset(cfg.data, dino_views(cfg.dino.crops))
-    settings = train_settings(cfg, run_name or f"{cfg.name}-dino")
+    settings = train_settings(cfg, run_name or standalone_run_name(cfg, "dino", out), out)
     log.info("DINO: %d utterances, %d steps/epoch, %d epochs", rows, steps, cfg.dino.epochs)
-    return fit("dino", cfg.dino, dataset, out, settings, method_args={"steps_per_epoch": steps}, mlflow=mlflow, **kw)
+    return fit("dino", cfg.dino, dataset, out, settings, method_args={"steps_per_epoch": steps}, mlflow=mlflow,
+               fingerprint=DinoStage().config_slice(cfg), **kw)
 
 
 class DinoStage(StageKind):

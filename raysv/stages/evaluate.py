@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,16 @@ from raysv.artifacts.embeddings import read_embeddings
 from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.layout import MARKER
 from raysv.config import to_dict
-from raysv.data.trials import read_trials, resolve_trial_audio
+from raysv.data.trials import read_trials, usable_trials
 from raysv.embedding.core import fused_cohort
 from raysv.embedding.pool import EMBEDDINGS_FILE, embed_files
-from raysv.evaluation.evaluate import evaluate_trials
+from raysv.evaluation.evaluate import evaluate_trials, format_metrics
+from raysv.evaluation.scoring import score_trials, threshold_at_eer
 from raysv.run_config import Config
 from raysv.stages.base import StageContext, StageKind, StageResult
 from raysv.stages.extract import extract
+
+log = logging.getLogger("raysv")
 
 METRICS = ("eer", "min_dcf_0.01", "min_dcf_0.05", "eer_asnorm", "min_dcf_0.01_asnorm", "min_dcf_0.05_asnorm")
 
@@ -47,8 +51,9 @@ def evaluate_checkpoint(
     protocol = cfg.eval.protocol()
     top_n = cfg.eval.asnorm.top_n if cohort is not None else None
     scoring_cohort = None if cohort is None else (cohort if protocol.cosine else fused_cohort(cohort))
-    # One pass of the actor pool embeds the audio of every list (a pass costs seconds to start).
-    files = {name: resolve_trial_audio(read_trials(t.path), t.audio_root) for name, t in lists.items()}
+    # Every file of every list checked first, then one pass of the actor pool embeds them all.
+    checked = {name: usable_trials(read_trials(t.path), t.audio_root, cfg.eval.skip_bad) for name, t in lists.items()}
+    files = {name: per_list[1] for name, per_list in checked.items()}
     started = time.perf_counter()
     by_path = embed_files(checkpoint, {str(p): p for per_list in files.values() for p in per_list.values()},
                           protocol=protocol)
@@ -58,7 +63,7 @@ def evaluate_checkpoint(
     for name, trial_list in lists.items():
         plots = Path(plots_dir) / name if plots_dir else None
         metrics = evaluate_trials(
-            trial_list.path,
+            checked[name][0],
             trial_list.audio_root,
             checkpoint=checkpoint,
             protocol=protocol,
@@ -69,6 +74,7 @@ def evaluate_checkpoint(
             embeddings={utt: by_path[str(p)] for utt, p in files[name].items()},
         )
         metrics["embed_seconds"] = embed_seconds  # of the shared pass over all lists
+        log.info("  %s", format_metrics(name, metrics))
         if threshold is None:
             threshold = float(metrics["threshold_asnorm" if cohort is not None else "threshold"])
         results[name] = metrics
@@ -76,6 +82,8 @@ def evaluate_checkpoint(
     meta["threshold"] = threshold
     meta["threshold_from"] = next(iter(lists))
     meta["threshold_scoring"] = "asnorm" if cohort is not None else "raw"
+    meta["embedding_threshold"] = _whole_file_threshold(protocol, checked[next(iter(lists))][0], files[next(iter(lists))],
+                                                        by_path)
     meta["eval"] = dataclasses.asdict(protocol)
     meta.pop("cohort", None)
     meta.pop("asnorm_top_n", None)
@@ -85,6 +93,18 @@ def evaluate_checkpoint(
         meta["asnorm_top_n"] = int(top_n)
     write_model_json(checkpoint, meta)
     return results
+
+
+def _whole_file_threshold(protocol, trials, files, by_path) -> float | None:
+    """The EER threshold of plain whole-file cosines (enrolment and identification score so), when the
+    trial vectors hold the whole file's embedding: without crops, or as the first half of a fused vector."""
+    if protocol.crops > 0 and protocol.fusion != "score":
+        return None
+    vectors = {u: by_path[str(p)] for u, p in files.items()}
+    if protocol.crops > 0:
+        vectors = {u: v[: len(v) // 2] for u, v in vectors.items()}
+    scores = score_trials(vectors, trials.enroll, trials.test)
+    return float(threshold_at_eer(scores, trials.labels.astype(np.int64)))
 
 
 class EvalStage(StageKind):

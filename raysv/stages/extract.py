@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from raysv.artifacts.shards import check_shards
 from raysv.embedding.pool import extract_embeddings
 from raysv.run_config import Config
 from raysv.runtime import ensure_ray, use_gpu
@@ -14,6 +15,7 @@ from raysv.stages.base import StageContext, StageKind, StageResult
 def extract(cfg: Config, checkpoint: str | Path, out: str | Path, shards: str | Path | None = None) -> dict:
     """``out/embeddings.parquet``: every utterance of the shards embedded with the checkpoint."""
     ensure_ray(cfg.ray)
+    check_shards(shards or cfg.data.shards)
     return extract_embeddings(
         checkpoint,
         shards or cfg.data.shards,

@@ -11,7 +11,7 @@ import numpy as np
 
 from raysv.artifacts.checkpoint import load_training_state
 from raysv.artifacts.labels import read_labels, speaker_labels, write_labels
-from raysv.artifacts.shards import read_manifest
+from raysv.artifacts.shards import check_shards, read_manifest
 from raysv.config import to_dict
 from raysv.data.pipelines import check_augment, label_table, supervised_dataset
 from raysv.run_config import Config
@@ -22,6 +22,7 @@ from raysv.stages.base import (
     StageResult,
     data_slice,
     pretrained_backbone,
+    standalone_run_name,
     steps_per_epoch,
     train_settings,
 )
@@ -48,6 +49,7 @@ def finetune(
     """
     ensure_ray(cfg.ray)
     check_augment(cfg.data.augment)
+    check_shards(cfg.data.shards)
     m = cfg.finetune.model
     if init is None and m.kind == "ecapa" and m.ecapa_init == "dino":
         raise ValueError("finetune.model.ecapa_init is 'dino': give the DINO checkpoint as the init model")
@@ -66,9 +68,13 @@ def finetune(
         "pretrained": pretrained,
         "anchor": l2sp_anchor(cfg, pretrained),
     }
-    settings = train_settings(cfg, run_name or f"{cfg.name}-{'lmft' if large_margin else 'finetune'}")
+    kind = "lmft" if large_margin else "finetune"
+    settings = train_settings(cfg, run_name or standalone_run_name(cfg, kind, out), out)
     log.info("fine-tune: %d labelled utterances, %d classes, %d steps/epoch", rows, int(values.max()) + 1, steps)
-    out = fit("supervised", section, dataset, out, settings, method_args=args, mlflow=mlflow, **kw)
+    fingerprint = {"seed": cfg.seed, "data": data_slice(cfg), "finetune": to_dict(section),
+                   **{k: args[k] for k in ("labels", "init", "init_classifier", "pretrained", "anchor")}}
+    out = fit("supervised", section, dataset, out, settings, method_args=args, mlflow=mlflow,
+              fingerprint=fingerprint, **kw)
     final = load_training_state(out)["method"]["labels"].numpy()
     kept = final >= 0
     write_labels(out, np.nonzero(kept)[0], final[kept].astype(np.int32))

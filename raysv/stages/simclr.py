@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from raysv.config import to_dict
+from raysv.artifacts.shards import check_shards
 from raysv.data.pipelines import check_augment, multi_crop_dataset
 from raysv.run_config import Config
 from raysv.runtime import ensure_ray
@@ -17,6 +18,7 @@ from raysv.stages.base import (
     data_slice,
     pretrained_backbone,
     shard_count,
+    standalone_run_name,
     steps_per_epoch,
     train_settings,
 )
@@ -37,6 +39,7 @@ def train_simclr(
     """(AM-)NT-Xent on ``simclr.views`` crops per utterance of the round model (``finetune.model``)."""
     ensure_ray(cfg.ray)
     check_augment(cfg.data.augment)
+    check_shards(cfg.data.shards)
     s = cfg.simclr
     rows = shard_count(cfg.data.shards)
     steps = steps_per_epoch(rows, s.batch_size, cfg.ray.num_workers)
@@ -47,9 +50,10 @@ def train_simclr(
         "pretrained": pretrained_backbone(cfg),
         "init": str(Path(init).resolve()) if init else None,
     }
-    settings = train_settings(cfg, run_name or f"{cfg.name}-simclr")
+    settings = train_settings(cfg, run_name or standalone_run_name(cfg, "simclr", out), out)
     log.info("SimCLR: %d utterances, %d views of %.1f s, %d steps/epoch", rows, s.views, s.crop_seconds, steps)
-    return fit("simclr", s, dataset, out, settings, method_args=args, mlflow=mlflow, **kw)
+    return fit("simclr", s, dataset, out, settings, method_args=args, mlflow=mlflow,
+               fingerprint={**SimclrStage().config_slice(cfg), "init": args["init"]}, **kw)
 
 
 class SimclrStage(StageKind):

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from raysv.artifacts.checkpoint import load_training_state, save_model, save_training_state
+from raysv.artifacts.checkpoint import TRAINING_FILE, load_training_state, save_model, save_training_state
 from raysv.methods import build_method
 from raysv.methods.base import Method
 
@@ -62,19 +62,26 @@ def _all_have(has: bool) -> bool:
     return bool(flag.item())
 
 
-def agreed_batches(batches: Iterable[Any]) -> Iterator[Any]:
+def agreed_batches(batches: Iterable[Any], limit: int | None = None) -> Iterator[Any]:
     """The batches while every worker still has one: DDP needs the same number of steps everywhere.
 
     A worker whose stream runs longer (its share of an epoch's selection was larger, or
     its last rows made no batch elsewhere) drains the rest untrained, so the next epoch's
-    stream starts clean.
+    stream starts clean. ``limit`` caps the steps of the epoch (``train.max_steps_per_epoch``)
+    the same way on every worker.
     """
     iterator = iter(batches)
+    steps = 0
     for batch in iterator:
+        if limit is not None and steps >= limit:
+            for _ in iterator:
+                pass
+            return
         if not _all_have(True):
             for _ in iterator:
                 pass
             return
+        steps += 1
         yield batch
     _all_have(False)
 
@@ -85,6 +92,7 @@ def run_epochs(
     start_epoch: int,
     on_epoch_end: Callable[[int, dict[str, Any], np.ndarray], None],
     before_epoch: Callable[[int], None] | None = None,
+    max_steps: int | None = None,
 ) -> None:
     """Epochs ``start_epoch`` .. ``method.epochs - 1``: steps, averaged metrics, a callback per epoch.
 
@@ -101,7 +109,7 @@ def run_epochs(
         pids: set[int] = set()
         seen: list[torch.Tensor] = []
         waited = 0.0  # time blocked on the input pipeline: high means data-bound, not model-bound
-        iterator = agreed_batches(batches(epoch))
+        iterator = agreed_batches(batches(epoch), max_steps)
         while True:
             asked = time.time()
             batch = next(iterator, None)
@@ -199,8 +207,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_training_state(folder)
+        state = resume_state(checkpoint)
         method.load_state_dict(state["method"])
         set_rng_state(state["rng"])
         start_epoch = int(state["epoch"]) + 1
@@ -223,6 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     record = config.get("record_dir")
     dev = config.get("dev_eval")
+    progress = settings.get("progress_file")
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], seen: np.ndarray) -> None:
         metrics = {**metrics, "worker_pid": os.getpid(), "world_size": world}
@@ -233,13 +241,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
         if tracker is not None:
             tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=epoch)
-            log.info(
-                "%s epoch %d/%d: %s",
-                method.name,
-                epoch + 1,
-                method.epochs,
-                " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
-            )
+        if rank == 0:
+            line = progress_line(method.name, epoch, method.epochs, metrics, history)
+            log.debug(line)
+            if progress:
+                with open(progress, "a") as f:
+                    f.write(line + "\n")
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -250,4 +257,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
-    run_epochs(method, batches, start_epoch, on_epoch_end, lambda e: _fault_hook(config.get("fault"), e, rank))
+    run_epochs(method, batches, start_epoch, on_epoch_end, lambda e: _fault_hook(config.get("fault"), e, rank),
+               max_steps=settings.get("max_steps_per_epoch"))
+
+
+def progress_line(name: str, epoch: int, epochs: int, metrics: dict[str, Any], history: list[dict[str, Any]]) -> str:
+    """One line per epoch: its loss and the figures a user watches, its time, the stage's ETA."""
+    parts = [f"{name} epoch {epoch + 1}/{epochs}", f"loss {metrics.get('loss', float('nan')):.4f}"]
+    for key, fmt in (("accuracy", "acc {:.3f}"), ("dev_eer", "dev EER {:.2%}"), ("dropped", "gate dropped {:.0f}"),
+                     ("corrected", "relabelled {:.0f}")):
+        if isinstance(metrics.get(key), (int, float)) and (key not in ("dropped", "corrected") or metrics[key]):
+            parts.append(fmt.format(metrics[key]))
+    parts.append(f"{metrics.get('crops_per_s', 0.0):.0f} crops/s")
+    seconds = [h["epoch_seconds"] for h in history if isinstance(h.get("epoch_seconds"), (int, float))]
+    parts.append(f"{metrics.get('epoch_seconds', 0.0):.1f} s")
+    left = epochs - epoch - 1
+    if left and seconds:
+        parts.append(f"ETA {left * sum(seconds) / len(seconds) / 60:.1f} min")
+    return ", ".join(parts)
+
+
+def resume_state(checkpoint: Any) -> dict[str, Any]:
+    """The training state of the checkpoint Ray Train resumes from, or, when that one is unreadable
+    (a node died while writing it), of the newest readable one beside it, with a warning naming the file."""
+    with checkpoint.as_directory() as folder:
+        try:
+            return load_training_state(folder)
+        except Exception as err:  # noqa: BLE001 - a truncated torch file raises whatever the unpickler meets
+            problem = f"{Path(checkpoint.path) / TRAINING_FILE} is unreadable ({type(err).__name__}: {err})"
+    here = Path(checkpoint.path)
+    for other in sorted(here.parent.glob("checkpoint_*"), reverse=True):
+        if other.name == here.name:
+            continue
+        try:
+            state = load_training_state(other)
+        except Exception:  # noqa: BLE001
+            continue
+        log.warning("%s: resuming from %s instead (epoch %d)", problem, other, int(state["epoch"]) + 1)
+        return state
+    raise RuntimeError(f"{problem}, and no other checkpoint of this run can be read")

@@ -7,14 +7,17 @@ its config section and the run settings below.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from raysv.artifacts.checkpoint import CHECKPOINT_FILES
-from raysv.config import to_dict
+from raysv.artifacts.jsonio import write_json
+from raysv.config import ConfigError, to_dict
 from raysv.runtime import RayConfig, use_gpu
 
 log = logging.getLogger("raysv.train")
@@ -28,6 +31,13 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """``train``: limits shared by every training stage."""
+
+    max_steps_per_epoch: int | None = None  # cap each epoch's steps (rehearsals, smoke runs); null: the whole epoch
+
+
+@dataclass
 class TrainSettings:
     """What a training run needs besides its method: where it stores, what it runs on, how it reads."""
 
@@ -38,6 +48,8 @@ class TrainSettings:
     shuffle_buffer: int = 256
     prefetch_batches: int = 4
     num_to_keep: int | None = 2
+    max_steps_per_epoch: int | None = None
+    progress_file: str | None = None  # rank 0 appends a line per epoch; the driver prints them as they come
 
 
 def _data_config(cfg: RayConfig) -> Any:
@@ -67,17 +79,21 @@ def fit(
     record_dir: str | None = None,
     dev_eval: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> Path:
     """Train ``method`` (configured by ``section``) on ``dataset`` with Ray Train; copy the last checkpoint to ``out``.
 
     Re-running with the same storage and ``run_name`` resumes from the last epoch
-    checkpoint (Train V2 restores the run by name); finished runs return at once.
+    checkpoint (Train V2 restores the run by name); finished runs return at once. With a
+    ``fingerprint`` (the settings the run's result depends on), resuming a run made with
+    other settings is refused, naming the keys that differ.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from raysv.train.loop import train_loop_per_worker
 
+    check_resumable(settings, fingerprint)
     ray_cfg = settings.ray
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -105,7 +121,8 @@ def fit(
         datasets={"train": dataset},
         dataset_config=_data_config(ray_cfg),
     )
-    result = trainer.fit()
+    with ProgressPrinter(settings.progress_file):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {settings.run_name} ended without a checkpoint")
     out = Path(out)
@@ -114,3 +131,78 @@ def fit(
         for name in CHECKPOINT_FILES:
             shutil.copyfile(Path(folder) / name, out / name)
     return out
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new), key=str)
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
+
+
+def check_resumable(settings: TrainSettings, fingerprint: dict[str, Any] | None) -> None:
+    """Refuse to resume a training run of other settings; say so when resuming one of the same.
+
+    The settings are kept as ``raysv_run.json`` in the run's storage folder (local storage only:
+    on object stores the check is skipped).
+    """
+    if fingerprint is None or "://" in settings.storage:
+        return
+    folder = Path(settings.storage) / settings.run_name
+    record = folder / "raysv_run.json"
+    plain = json.loads(json.dumps(fingerprint, default=str))
+    if record.is_file():
+        changes = _differences(json.loads(record.read_text()), plain)
+        if changes:
+            raise ConfigError(
+                f"training run {settings.run_name} in {settings.storage} was made with other settings:\n  "
+                + "\n  ".join(changes) + "\nchoose another output folder, or delete that run to start it afresh")
+        if any(folder.glob("checkpoint_*")):
+            log.info("resuming training run %s from its last checkpoint", settings.run_name)
+        return
+    if folder.is_dir() and any(folder.glob("checkpoint_*")):
+        raise ConfigError(f"{folder} holds a training run made without a settings record; delete it or choose "
+                          "another output folder")
+    write_json(record, plain)
+
+
+class ProgressPrinter:
+    """While training runs, log each line rank 0 appends to ``path`` (one per epoch)."""
+
+    def __init__(self, path: str | None, interval: float = 1.0):
+        self.path = Path(path) if path else None
+        self.interval = interval
+        self._stop = threading.Event()
+        self._offset = 0
+        self._thread: threading.Thread | None = None
+
+    def _drain(self) -> None:
+        try:
+            with self.path.open() as f:  # type: ignore[union-attr]
+                f.seek(self._offset)
+                text = f.read()
+        except OSError:
+            return
+        done, _, _ = text.rpartition("\n")
+        if done:
+            self._offset += len(done) + 1
+            for line in done.splitlines():
+                log.info("  %s", line)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._drain()
+
+    def __enter__(self) -> "ProgressPrinter":
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._offset = self.path.stat().st_size if self.path.is_file() else 0
+            self._thread = threading.Thread(target=self._run, name="raysv-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=2 * self.interval)
+            self._drain()

@@ -15,6 +15,7 @@ from raysv.embedding.baseline import fbank_mean_embedding
 from raysv.embedding.core import TrialProtocol
 from raysv.evaluation.evaluate import evaluate_trials, format_metrics
 from raysv.evaluation.metrics import compute_eer, compute_min_dcf
+from raysv.errors import InputError
 from raysv.inference import load_model
 from raysv.models.ecapa import ECAPAEncoder
 
@@ -117,9 +118,9 @@ def test_missing_trial_files_are_named(corpus, tmp_path):
     root, _, rows = corpus
     trials = tmp_path / "trials.txt"
     trials.write_text(f"1 {rows[0][1]} id09/ghost_a.wav\n0 {rows[0][1]} id09/ghost_b.wav\n")
-    with pytest.raises(FileNotFoundError, match="ghost_a.wav") as err:
+    with pytest.raises(InputError, match=r"ghost_a.wav: no such file") as err:
         evaluate_trials(trials, root)
-    assert "ghost_b.wav" in str(err.value)
+    assert "ghost_b.wav" in str(err.value) and "2 of 3 files" in str(err.value)
     with pytest.raises(ValueError, match="unknown embedder"):
         evaluate_trials(corpus[1], root, embedder="mfcc")
 
@@ -208,3 +209,23 @@ def test_asnorm_figures_go_beside_the_raw_ones(corpus):
         assert f"{key}_asnorm" in both and f"{key}_asnorm" not in raw
     assert both["threshold_asnorm"] != pytest.approx(both["threshold"])
     assert "(AS-norm" in format_metrics("toy", both)
+
+
+def test_unusable_trial_files_are_all_named_before_embedding_or_skipped(corpus, tmp_path):
+    """Empty, corrupt and too-short files: one error naming each, or --skip-bad dropping their trials."""
+    root, trials, rows = corpus
+    bad_root = tmp_path / "audio"
+    import shutil
+
+    shutil.copytree(root, bad_root)
+    (bad_root / rows[0][1]).write_bytes(b"")  # empty
+    (bad_root / rows[0][2]).write_bytes(b"RIFF not really a wav file")  # corrupt header
+    sf.write(bad_root / rows[5][2], np.zeros(100, np.float32), SR)  # 6 ms
+    with pytest.raises(InputError) as err:
+        evaluate_trials(trials, bad_root)
+    text = str(err.value)
+    assert "3 of" in text and "empty" in text and "unreadable" in text and "shorter than" in text
+    assert all(str(bad_root / rows[i][j]) in text for i, j in ((0, 1), (0, 2), (5, 2)))
+    kept = evaluate_trials(trials, bad_root, skip_bad=True)
+    bad = {rows[0][1], rows[0][2], rows[5][2]}
+    assert kept["trials"] == sum(1 for r in rows if r[1] not in bad and r[2] not in bad) < len(rows)
