@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -59,7 +60,7 @@ def cmd_synth(args) -> None:
 def cmd_prepare(args) -> None:
     from raysv.data.prepare import prepare_shards
 
-    report = prepare_shards(
+    prepare_shards(
         args.audio_root,
         args.out,
         list_file=args.list,
@@ -68,8 +69,6 @@ def cmd_prepare(args) -> None:
         min_seconds=args.min_seconds,
         overwrite=args.overwrite,
     )
-    print(f"{report['num_utterances']} utterances in {report['num_shards']} shards under {args.out}; "
-          f"{report['num_skipped']} files skipped (see {Path(args.out) / 'report.json'})")
 
 
 def cmd_evaluate(args) -> None:
@@ -90,10 +89,6 @@ def cmd_evaluate(args) -> None:
         return
     if not args.trials or not args.audio_root:
         raise SystemExit("raysv evaluate: give --trials and --audio-root (or --checkpoint with --config)")
-    if args.checkpoint:
-        from raysv.runtime import ensure_ray
-
-        ensure_ray(_load(args).ray)
     metrics = evaluate_trials(
         args.trials,
         args.audio_root,
@@ -103,6 +98,7 @@ def cmd_evaluate(args) -> None:
                                fusion=args.fusion),
         plots_dir=args.plots,
         skip_bad=args.skip_bad,
+        ray=_load(args).ray if args.checkpoint else None,
     )
     _print_metrics(Path(args.trials).name, metrics)
     if args.json:
@@ -210,10 +206,22 @@ def _audio_list(items: list[str]) -> dict[str, Path]:
 def cmd_embed(args) -> None:
     import numpy as np
 
+    from raysv.audio.io import AudioReadError
+    from raysv.errors import InputError
+
     model = _model(args)
     files = _audio_list(args.files)
     names = list(files)
-    vectors = np.stack([model.embed(p) for p in files.values()]).astype(np.float32)
+    vectors, bad = [], []
+    for path in files.values():
+        try:
+            vectors.append(model.embed(path))
+        except AudioReadError as err:  # every bad file named at once, nothing written
+            bad.append(str(err))
+    if bad:
+        more = f" … and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise InputError(f"{len(bad)} of {len(files)} files cannot be embedded: {'; '.join(bad[:10])}{more}")
+    vectors = np.stack(vectors).astype(np.float32)
     if not args.out:
         for name, v in zip(names, vectors):
             print(name, " ".join(f"{x:.5f}" for x in v))

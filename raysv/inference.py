@@ -26,8 +26,10 @@ from typing import Union
 import numpy as np
 import torch
 
+from raysv.audio import MIN_SECONDS
 from raysv.audio.io import SAMPLE_RATE, AudioReadError, read_audio, resample
 from raysv.embedding.core import TrialProtocol, fused_cohort, trial_embedding, utterance_embedding
+from raysv.errors import InputError
 from raysv.evaluation.scoring import score_trials
 from raysv.speakers import Match, SpeakerDB
 
@@ -104,6 +106,8 @@ class SpeakerModel:
             wave = read_audio(audio, self.sample_rate)
             if wave.size == 0:
                 raise AudioReadError(audio, "the file holds no samples")
+            if wave.size < MIN_SECONDS * self.sample_rate:
+                raise AudioReadError(audio, f"{wave.size / self.sample_rate:.3f} s, shorter than {MIN_SECONDS:g} s")
             return wave
         wave = np.asarray(audio)
         if wave.ndim != 1 or wave.size == 0:
@@ -113,7 +117,10 @@ class SpeakerModel:
         wave = wave.astype(np.float32, copy=False)
         if not np.isfinite(wave).all():
             raise ValueError("the waveform holds NaN or infinite samples")
-        return resample(wave, int(sample_rate or self.sample_rate), self.sample_rate)
+        wave = resample(wave, int(sample_rate or self.sample_rate), self.sample_rate)
+        if wave.size < MIN_SECONDS * self.sample_rate:
+            raise ValueError(f"a waveform of {wave.size / self.sample_rate:.3f} s is shorter than {MIN_SECONDS:g} s")
+        return wave
 
     # ---------------------------------------------------------------- embeddings and scores
 
@@ -201,7 +208,7 @@ class SpeakerModel:
         table = SpeakerDB(db, dim=self.embed_dim)
         embeddings = [self.embed(f) for f in files]
         if not embeddings:
-            raise ValueError(f"enroll {name}: no files given")
+            raise InputError(f"enroll {name}: no files given")
         count = table.add(name, np.stack(embeddings))
         table.save()
         return count

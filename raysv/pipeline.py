@@ -27,6 +27,7 @@ from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.layout import RunLayout
 from raysv.artifacts.lock import RunLock
 from raysv.artifacts.shards import manifest_columns
+from raysv.data.trials import read_trials, usable_trials
 from raysv.config import ConfigError
 from raysv.errors import InputError
 from raysv.run_config import Config, config_from_dict, round_config
@@ -192,6 +193,8 @@ def _run(cfg: Config, until: str | None, restart_from: str | None, fault: dict[s
         for stage in stages[ids.index(restart_from):]:
             _reset_stage(cfg, stage, state)
     check_unchanged(cfg, stages, state)
+    if any(state.done(s) is None for s in stages if s.kind == "eval"):
+        check_trial_lists(cfg)
     if cfg.reference.supervised and "speaker" not in manifest_columns(cfg.data.shards):
         raise ConfigError(f"reference.supervised: the shards in {cfg.data.shards} name no speakers; prepare them "
                           "without --no-speakers, or turn the supervised reference off")
@@ -218,6 +221,18 @@ def _run(cfg: Config, until: str | None, restart_from: str | None, fault: dict[s
     print(format_table(results))
     print(f"\nMLflow: mlflow ui --backend-store-uri {tracker.uri}")
     return results
+
+
+def check_trial_lists(cfg: Config) -> None:
+    """Every trial list the evaluation stages will read, parsed and its files checked, before any
+    training: a missing list or file would otherwise surface after the first stage, hours in."""
+    lists = dict(cfg.data.trials)
+    if cfg.data.dev_trials is not None:
+        lists["dev"] = cfg.data.dev_trials
+    started, files = time.time(), 0
+    for t in lists.values():
+        files += len(usable_trials(read_trials(t.path), t.audio_root, cfg.eval.skip_bad)[1])
+    log.info("trial lists checked: %s (%d files, %.0f s)", ", ".join(lists), files, time.time() - started)
 
 
 def _reset_stage(cfg: Config, stage: Stage, state: RunState) -> None:

@@ -7,9 +7,13 @@ when Ray is already up. :func:`use_gpu` is the one answer to "train/embed/cluste
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import re
 import sys
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -60,14 +64,92 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     loud = verbose()
     if not loud:
         logging.getLogger("ray").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, configure_logging=False, log_to_driver=loud)
     else:
         need = int(cfg.num_workers * cfg.cpus_per_worker) + (cfg.data_cpus or 2) + 1
         num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, need)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=loud)
+        # Worker processes may start as many at a time as there are logical CPUs (Ray's default, the
+        # cores, warns whenever a stage starts its actors and trainers on a small machine).
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=loud,
+                 _system_config={"worker_maximum_startup_concurrency": max(num_cpus, os.cpu_count() or 1)})
     quiet_data(loud)
+    if not loud:
+        divert_native_log_lines()
+
+
+RAY_NOISE = re.compile(
+    rb"^(\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] "  # a line of Ray's C++ core
+    rb"|(\x1b\[\d+m)?\(raylet\)(\x1b\[0m)? WARNING: \d+ \w+ worker processes have been started)"
+)
+"""Lines Ray writes to a driver's stdout and stderr past Python's logging that say nothing about the run: its C++
+core's notices (``[2026-01-01 12:00:00,123 E 4242 4242] file.cc:12: …``, an actor-pool restart caveat
+on every run among them) and the raylet's count of worker processes started."""
+_diverted: list[int] = []
+_TERMINAL = {fd: os.isatty(fd) for fd in (1, 2)}  # before any diversion makes them pipes
+
+
+def on_terminal(fd: int = 2) -> bool:
+    """Whether the process's stdout (1) or stderr (2) was a terminal when it started: progress bars
+    redraw in place there, and stay out of files and pipes."""
+    return _TERMINAL.get(fd, False)
+
+
+def divert_native_log_lines() -> None:
+    """Keep :data:`RAY_NOISE` out of the console: to the ``raysv.native`` debug log (``run.log``).
+
+    File descriptors 1 and 2 (the raylet's notices reach a driver through its stdout, the C++
+    core's through stderr) each become a pipe read by a thread: those lines are logged,
+    everything else passes through unchanged and at once (a line that might be one is held
+    until its end, at most 4 kB). Undone at exit, after the last byte is through.
+    """
+    if _diverted:
+        return
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        _divert(fd, stream)
+
+
+def _divert(fd: int, stream: Any) -> None:
+    stream.flush()
+    original = os.dup(fd)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    _diverted.append(original)
+    native = logging.getLogger("raysv.native")
+
+    def pump() -> None:
+        held, midline = b"", False  # held: a line start that may be noise; midline: passing a line through
+        while chunk := os.read(read_end, 65536):
+            data, out, held = held + chunk, [], b""
+            while data:
+                end = data.find(b"\n")
+                line, data = (data, b"") if end < 0 else (data[:end + 1], data[end + 1:])
+                if not midline and end >= 0 and RAY_NOISE.match(line):
+                    native.debug(line.rstrip(b"\n").decode(errors="replace"))
+                    continue
+                if not midline and end < 0 and line[:1] in (b"[", b"\x1b", b"(") and len(line) < 4096:
+                    held = line  # wait for the rest to tell
+                    continue
+                out.append(line)
+                midline = end < 0
+            if out:
+                os.write(original, b"".join(out))
+        if held:
+            os.write(original, held)
+        os.close(read_end)
+
+    thread = threading.Thread(target=pump, name=f"raysv-native-fd{fd}", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        stream.flush()
+        os.dup2(original, fd)  # the pipe's last writer closes: the pump drains it and ends
+        thread.join(timeout=2.0)
+
+    atexit.register(restore)
 
 
 def quiet_data(loud: bool | None = None) -> None:
@@ -76,8 +158,10 @@ def quiet_data(loud: bool | None = None) -> None:
 
     loud = verbose() if loud is None else loud
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = loud or sys.stderr.isatty()
+    ctx.enable_progress_bars = loud or on_terminal()
     ctx.print_on_execution_start = loud
+    if not loud:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def cluster_gpus() -> int:

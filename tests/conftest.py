@@ -17,7 +17,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _system_config={"worker_maximum_startup_concurrency": 8})  # as raysv's own local clusters
     yield ray
     ray.shutdown()
 

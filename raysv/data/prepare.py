@@ -46,7 +46,7 @@ from raysv.audio.io import (
     read_audio,
 )
 from raysv.data.inputs import Input, collect_inputs
-from raysv.runtime import ensure_ray, run_windowed, task_window
+from raysv.runtime import ensure_ray, on_terminal, run_windowed, task_window
 
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def _progress(total: int, desc: str, unit: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     # A bar redrawn into a log file is a line per refresh: bars on a terminal only.
-    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr,
+    return tqdm(total=total, desc=desc, unit=unit, disable=not (enabled and on_terminal()), file=sys.stderr,
                 dynamic_ncols=True)
 
 

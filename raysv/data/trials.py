@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raysv.audio import MIN_SECONDS
 from raysv.errors import InputError
 
 log = logging.getLogger("raysv")
@@ -100,7 +101,7 @@ def usable_trials(trials: Trials, audio_root: str | Path, skip_bad: bool = False
     return kept, {u: p for u, p in files.items() if u not in bad}
 
 
-def inspect_audio(files: dict[str, Path], min_seconds: float = 0.1) -> dict[str, str]:
+def inspect_audio(files: dict[str, Path], min_seconds: float = MIN_SECONDS) -> dict[str, str]:
     """``{utt: why}`` for every file that cannot be used: missing, unreadable header, empty, too short.
 
     Reads only headers (libsndfile's ``info``; containers it cannot open are checked for

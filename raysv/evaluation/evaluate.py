@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from raysv.embedding.baseline import fbank_mean_embedding
 from raysv.config import check_choice, check_non_negative, check_positive
 from raysv.embedding.core import TrialProtocol, trial_vector
 from raysv.evaluation.scoring import decide, evaluate_scores, score_trials
+from raysv.runtime import RayConfig, ensure_ray, on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _fbank_mean_embeddings(files: dict[str, Path], protocol: TrialProtocol) -> d
         return np.stack([fbank_mean_embedding(w, SAMPLE_RATE) for w in batch])
 
     out: dict[str, np.ndarray] = {}
-    bar = tqdm(files.items(), desc="fbank-mean", unit="utt", total=len(files), disable=not sys.stderr.isatty())
+    bar = tqdm(files.items(), desc="fbank-mean", unit="utt", total=len(files), disable=not on_terminal())
     for key, path in bar:
         wave = read_audio(path, SAMPLE_RATE)
         if wave.size == 0:
@@ -90,6 +90,7 @@ def evaluate_trials(
     threshold: float | None = None,
     embeddings: dict[str, np.ndarray] | None = None,
     skip_bad: bool = False,
+    ray: RayConfig | None = None,
 ) -> dict[str, Any]:
     """EER, minDCF (p 0.01, 0.05), the EER threshold and the trial count of one trial list.
 
@@ -101,6 +102,8 @@ def evaluate_trials(
     With ``threshold`` the accuracy of accepting ``score >= threshold`` is added; with
     ``plots_dir`` ``det.png``, ``scores.png`` and ``scores.txt`` are written. ``embeddings``
     (trial vectors per utterance of the list) skips embedding: several lists embedded at once.
+    A checkpoint's files are embedded by Ray actors, on the cluster ``ray`` describes, joined
+    or started only once every file of the list has been checked.
     """
     protocol = protocol or TrialProtocol(crops=0)
     if checkpoint is not None:
@@ -129,6 +132,7 @@ def evaluate_trials(
     else:
         from raysv.embedding.pool import embed_files
 
+        ensure_ray(ray)
         embeddings = embed_files(checkpoint, files, protocol=protocol)
     embed_seconds = time.perf_counter() - start
 

@@ -76,10 +76,19 @@ def save_tiny_wavlm(path: str | Path, seed: int = 0, **sizes: int) -> Path:
     Tests and the demo then load it with ``from_pretrained`` exactly as a user loads
     ``microsoft/wavlm-base-plus``. ``sizes`` are ``tiny_wavlm_config`` arguments.
     """
+    return save_random_wavlm(path, tiny_wavlm_config(**sizes), seed)
+
+
+def save_random_wavlm(path: str | Path, config: WavLMConfig, seed: int = 0) -> Path:
+    """A randomly initialised WavLM of ``config`` saved as a pre-trained folder (weights, configs).
+
+    ``reference_wavlm_base_plus_config()`` gives the reference run's architecture at full size,
+    for rehearsing it where the hub cannot be reached.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = WavLMModel(tiny_wavlm_config(**sizes))
+    model = WavLMModel(config)
     model.save_pretrained(path)
     Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False, return_attention_mask=True

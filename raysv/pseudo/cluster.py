@@ -204,9 +204,9 @@ def kmeans(
     largest inner product). ``euclidean``: plain k-means of the rows as they are (the
     reference clusters raw embeddings so). ``flat`` trains all k centroids on every point (up
     to :data:`MAX_KMEANS_TRAIN_POINTS`) and assigns each point to its nearest; ``two_level``
-    is faiss's hierarchical scheme (``faiss.contrib.clustering.two_level_clustering``: √k
-    coarse clusters, each split in proportion to its size), with each point then assigned to
-    its nearest final centroid through an HNSW graph of the centroids.
+    is faiss's hierarchical scheme (:func:`_two_level_centroids`: √k coarse clusters, each
+    split in proportion to its size), with each point then assigned to its nearest final
+    centroid through an HNSW graph of the centroids.
     """
     faiss = import_faiss()
 
@@ -228,19 +228,58 @@ def kmeans(
         km.train(xn)
         _, assignment = km.assign(xn)
         return np.ascontiguousarray(km.centroids, dtype=np.float32), assignment.astype(np.int64, copy=False)
-    from faiss.contrib.clustering import two_level_clustering
-
-    coarse = max(2, int(round(math.sqrt(k))))
-    centroids, _ = two_level_clustering(xn, coarse, int(k), clustering_niter=int(niter), spherical=spherical,
-                                        seed=int(seed), gpu=gpu, verbose=False)
-    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    if spherical:
-        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    centroids = _two_level_centroids(faiss, xn, int(k), int(niter), int(seed), spherical, gpu)
     index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT if spherical else faiss.METRIC_L2)
     index.hnsw.efSearch = 128
     index.add(centroids)
     _, assignment = index.search(xn, 1)
     return centroids, assignment[:, 0].astype(np.int64, copy=False)
+
+
+def split_counts(sizes: np.ndarray, k: int) -> np.ndarray:
+    """Centroids per coarse cluster: ``k`` in all, in proportion to ``sizes``, at least 1 and at most
+    the cluster's size for each non-empty cluster (0 for empty ones)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    counts = (sizes > 0).astype(np.int64)
+    if not counts.sum() <= k <= sizes.sum():
+        raise ValueError(f"cannot split {int(counts.sum())} coarse clusters of {int(sizes.sum())} points into {k}")
+    while (left := k - int(counts.sum())) > 0:
+        room = np.flatnonzero(sizes > counts)
+        quota = left * sizes[room] / sizes[room].sum()
+        add = np.minimum(np.floor(quota).astype(np.int64), sizes[room] - counts[room])
+        if add.sum() > 0:
+            counts[room] += add
+        else:  # less than one each: one more to the clusters of the largest quotas
+            counts[room[np.argsort(-quota, kind="stable")[:left]]] += 1
+    return counts
+
+
+def _two_level_centroids(faiss: ModuleType, x: np.ndarray, k: int, niter: int, seed: int, spherical: bool,
+                         gpu: bool | int) -> np.ndarray:
+    """faiss' two-level clustering (``faiss.contrib.clustering.two_level_clustering``, its settings)
+    with :func:`split_counts` allocating the fine centroids: the library's proportional split
+    gives a coarse cluster smaller than N / k no centroid at all, and faiss then fails."""
+    d = x.shape[1]
+    coarse = max(2, int(round(math.sqrt(k))))
+    km = faiss.Kmeans(d, coarse, niter=niter, max_points_per_centroid=2000, min_points_per_centroid=1,
+                      spherical=spherical, seed=seed, gpu=gpu, verbose=False)
+    km.train(x)
+    _, first = km.assign(x)
+    sizes = np.bincount(first, minlength=coarse)
+    counts = split_counts(sizes, k)
+    order = np.argsort(first, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    parts = []
+    for c in np.flatnonzero(counts):
+        subset = x[order[bounds[c] : bounds[c + 1]]]
+        if counts[c] == len(subset):
+            parts.append(subset)
+            continue
+        sub = faiss.Kmeans(d, int(counts[c]), niter=niter, min_points_per_centroid=1, spherical=spherical,
+                           seed=seed, gpu=gpu, verbose=False)
+        sub.train(subset)
+        parts.append(sub.centroids)
+    return np.vstack(parts)
 
 
 def _finite_rows(x: np.ndarray, what: str = "embeddings") -> np.ndarray:

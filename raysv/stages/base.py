@@ -119,10 +119,15 @@ def standalone_run_name(cfg: Config, kind: str, out: str | Path) -> str:
     return f"{cfg.name}-{kind}-{digest}"
 
 
-def steps_per_epoch(rows: int, batch_size: int, num_workers: int) -> int:
-    """Full batches of ``batch_size`` (global, split over the workers) in an epoch of ``rows``."""
+def steps_per_epoch(rows: int, batch_size: int, num_workers: int, cap: int | None = None) -> int:
+    """Full batches of ``batch_size`` (global, split over the workers) in an epoch of ``rows``, at most ``cap``.
+
+    The cap (``train.max_steps_per_epoch``) is applied here so that the schedules, which count
+    steps per epoch, end where the shortened epochs do.
+    """
     per_worker = max(batch_size // num_workers, 1)
-    return max(rows // num_workers // per_worker, 1)
+    steps = max(rows // num_workers // per_worker, 1)
+    return steps if cap is None else min(steps, cap)
 
 
 def shard_count(shards: str | Path) -> int:

@@ -29,11 +29,11 @@ log = logging.getLogger("raysv")
 
 def train_dino(cfg: Config, out: str | Path, *, run_name: str | None = None, mlflow: dict | None = None, **kw) -> Path:
     """DINO on ECAPA-TDNN from the shards; the teacher backbone is saved in ``out``."""
-    ensure_ray(cfg.ray)
-    check_augment(cfg.data.augment)
+    check_augment(cfg.data.augment)  # bad input is named before a cluster is started or joined
     check_shards(cfg.data.shards)
+    ensure_ray(cfg.ray)
     rows = shard_count(cfg.data.shards)
-    steps = steps_per_epoch(rows, cfg.dino.batch_size, cfg.ray.num_workers)
+    steps = steps_per_epoch(rows, cfg.dino.batch_size, cfg.ray.num_workers, cfg.train.max_steps_per_epoch)
     dataset = multi_crop_dataset(cfg.data, dino_views(cfg.dino.crops))
     settings = train_settings(cfg, run_name or standalone_run_name(cfg, "dino", out), out)
     log.info("DINO: %d utterances, %d steps/epoch, %d epochs", rows, steps, cfg.dino.epochs)

@@ -21,6 +21,7 @@ from raysv.embedding.pool import EMBEDDINGS_FILE, embed_files
 from raysv.evaluation.evaluate import evaluate_trials, format_metrics
 from raysv.evaluation.scoring import score_trials, threshold_at_eer
 from raysv.run_config import Config
+from raysv.runtime import ensure_ray
 from raysv.stages.base import StageContext, StageKind, StageResult
 from raysv.stages.extract import extract
 
@@ -54,6 +55,7 @@ def evaluate_checkpoint(
     # Every file of every list checked first, then one pass of the actor pool embeds them all.
     checked = {name: usable_trials(read_trials(t.path), t.audio_root, cfg.eval.skip_bad) for name, t in lists.items()}
     files = {name: per_list[1] for name, per_list in checked.items()}
+    ensure_ray(cfg.ray)
     started = time.perf_counter()
     by_path = embed_files(checkpoint, {str(p): p for per_list in files.values() for p in per_list.values()},
                           protocol=protocol)

@@ -14,8 +14,8 @@ from raysv.stages.base import StageContext, StageKind, StageResult
 
 def extract(cfg: Config, checkpoint: str | Path, out: str | Path, shards: str | Path | None = None) -> dict:
     """``out/embeddings.parquet``: every utterance of the shards embedded with the checkpoint."""
-    ensure_ray(cfg.ray)
     check_shards(shards or cfg.data.shards)
+    ensure_ray(cfg.ray)
     return extract_embeddings(
         checkpoint,
         shards or cfg.data.shards,

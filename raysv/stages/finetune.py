@@ -47,9 +47,9 @@ def finetune(
     The labels it ends with (after label correction) are written beside the model
     as ``labels.parquet``.
     """
-    ensure_ray(cfg.ray)
     check_augment(cfg.data.augment)
     check_shards(cfg.data.shards)
+    ensure_ray(cfg.ray)
     m = cfg.finetune.model
     if init is None and m.kind == "ecapa" and m.ecapa_init == "dino":
         raise ValueError("finetune.model.ecapa_init is 'dino': give the DINO checkpoint as the init model")
@@ -57,7 +57,7 @@ def finetune(
     utt_index, values = read_labels(labels)
     table = label_table(utt_index, values)
     rows = int((values >= 0).sum())
-    steps = steps_per_epoch(rows, section.batch_size, cfg.ray.num_workers)
+    steps = steps_per_epoch(rows, section.batch_size, cfg.ray.num_workers, cfg.train.max_steps_per_epoch)
     dataset = supervised_dataset(cfg.data, table, section.crop_seconds, with_clean=section.label_correction.enabled)
     pretrained = pretrained_backbone(cfg)
     args = {

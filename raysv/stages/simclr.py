@@ -37,12 +37,12 @@ def train_simclr(
     **kw,
 ) -> Path:
     """(AM-)NT-Xent on ``simclr.views`` crops per utterance of the round model (``finetune.model``)."""
-    ensure_ray(cfg.ray)
     check_augment(cfg.data.augment)
     check_shards(cfg.data.shards)
+    ensure_ray(cfg.ray)
     s = cfg.simclr
     rows = shard_count(cfg.data.shards)
-    steps = steps_per_epoch(rows, s.batch_size, cfg.ray.num_workers)
+    steps = steps_per_epoch(rows, s.batch_size, cfg.ray.num_workers, cfg.train.max_steps_per_epoch)
     dataset = multi_crop_dataset(cfg.data, {"views": (s.views, s.crop_seconds)})
     args = {
         "steps_per_epoch": steps,

@@ -206,8 +206,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch = 0
     history: list[dict[str, Any]] = []
     checkpoint = ray.train.get_checkpoint()
+    progress = settings.get("progress_file")
     if checkpoint is not None:
-        state = resume_state(checkpoint)
+        state, fallback = resume_state(checkpoint)
+        if fallback and rank == 0 and progress:
+            with open(progress, "a") as f:
+                f.write(fallback + "\n")
         method.load_state_dict(state["method"])
         set_rng_state(state["rng"])
         start_epoch = int(state["epoch"]) + 1
@@ -230,7 +234,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     record = config.get("record_dir")
     dev = config.get("dev_eval")
-    progress = settings.get("progress_file")
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], seen: np.ndarray) -> None:
         metrics = {**metrics, "worker_pid": os.getpid(), "world_size": world}
@@ -277,22 +280,23 @@ def progress_line(name: str, epoch: int, epochs: int, metrics: dict[str, Any], h
     return ", ".join(parts)
 
 
-def resume_state(checkpoint: Any) -> dict[str, Any]:
+def resume_state(checkpoint: Any) -> tuple[dict[str, Any], str | None]:
     """The training state of the checkpoint Ray Train resumes from, or, when that one is unreadable
-    (a node died while writing it), of the newest readable one beside it, with a warning naming the file."""
+    (a node died while writing it), of the newest readable one before it, with a warning naming the file."""
     with checkpoint.as_directory() as folder:
         try:
-            return load_training_state(folder)
+            return load_training_state(folder), None
         except Exception as err:  # noqa: BLE001 - a truncated torch file raises whatever the unpickler meets
             problem = f"{Path(checkpoint.path) / TRAINING_FILE} is unreadable ({type(err).__name__}: {err})"
     here = Path(checkpoint.path)
-    for other in sorted(here.parent.glob("checkpoint_*"), reverse=True):
-        if other.name == here.name:
+    for other in sorted(here.parent.glob("checkpoint_*"), reverse=True):  # named by time: newest first
+        if other.name >= here.name or not other.is_dir():
             continue
         try:
             state = load_training_state(other)
         except Exception:  # noqa: BLE001
             continue
-        log.warning("%s: resuming from %s instead (epoch %d)", problem, other, int(state["epoch"]) + 1)
-        return state
+        warning = f"warning: {problem}: resuming from {other} instead (after epoch {int(state['epoch']) + 1})"
+        log.warning(warning)
+        return state, warning
     raise RuntimeError(f"{problem}, and no other checkpoint of this run can be read")

@@ -217,3 +217,44 @@ def test_l_method_finds_the_knee_of_two_lines() -> None:
     z = np.zeros((n - 1, 4))
     z[:, 2] = heights[::-1]
     assert abs(estimate_clusters(z) - 30) <= 2
+
+
+def test_split_counts_sum_to_k_within_each_cluster():
+    from raysv.pseudo.cluster import split_counts
+
+    sizes = np.array([5000, 40, 0, 3, 1200, 1])
+    counts = split_counts(sizes, 300)
+    assert counts.sum() == 300 and counts[2] == 0
+    assert (counts[sizes > 0] >= 1).all() and (counts <= sizes).all()
+    assert counts[0] > counts[4] > counts[1] >= counts[3]  # proportional to size
+    assert split_counts(np.array([2, 3]), 5).tolist() == [2, 3]
+    with pytest.raises(ValueError, match="cannot split"):
+        split_counts(np.array([2, 3]), 6)
+
+
+def uneven_speakers(n: int = 6000, speakers: int = 30, dim: int = 256, seed: int = 0):
+    """Speakers of log-normal sizes around random directions (on these, faiss' own two-level split fails)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((speakers, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    weights = rng.lognormal(0.0, 0.6, speakers)
+    y = rng.choice(speakers, size=n, p=weights / weights.sum())
+    x = centres[y] + rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    return x.astype(np.float32), y
+
+
+def test_two_level_kmeans_matches_flat_on_uneven_speakers():
+    """faiss' ``two_level_clustering`` gives a coarse cluster smaller than N / k no centroid and then
+    fails inside faiss on data like these; raysv's split gives each at least one."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from raysv.pseudo.cluster import kmeans, pseudo_labels
+
+    x, y = uneven_speakers()
+    centroids, assignment = kmeans(x, 300, metric="euclidean", method="two_level")
+    assert centroids.shape == (300, 256) and assignment.min() >= 0 and assignment.max() < 300
+    flat, _ = pseudo_labels(x, 300, 30, metric="euclidean", method="flat")
+    two, info = pseudo_labels(x, 300, 30, metric="euclidean", method="two_level")
+    assert info["kmeans"] == "two_level"
+    nmi_two, nmi_flat = normalized_mutual_info_score(y, two), normalized_mutual_info_score(y, flat)
+    assert nmi_two > 0.9 and nmi_two >= nmi_flat - 0.02, (nmi_two, nmi_flat)
