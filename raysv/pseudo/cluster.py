@@ -185,6 +185,11 @@ TWO_LEVEL_ABOVE = 5_000_000_000
 1.09 M × 50,000 is 5.5e10 distances: minutes on a CPU)."""
 
 
+IVF_PROBES = 8
+"""Lists of the centroids' inverted file searched per point in two-level assignment (of √k1): at
+200,000 × 256 → 5,000 it gives the same NMI as 16, and as exact search to 0.003."""
+
+
 def kmeans_method(n: int, k: int, method: str) -> str:
     """``flat`` or ``two_level`` for ``method`` (``auto`` decides by the size of the problem)."""
     if method not in KMEANS_METHODS:
@@ -206,7 +211,7 @@ def kmeans(
     to :data:`MAX_KMEANS_TRAIN_POINTS`) and assigns each point to its nearest; ``two_level``
     is faiss's hierarchical scheme (:func:`_two_level_centroids`: √k coarse clusters, each
     split in proportion to its size), with each point then assigned to its nearest final
-    centroid through an HNSW graph of the centroids.
+    centroid through an inverted-file index of the centroids (:data:`IVF_PROBES` lists probed).
     """
     faiss = import_faiss()
 
@@ -229,11 +234,27 @@ def kmeans(
         _, assignment = km.assign(xn)
         return np.ascontiguousarray(km.centroids, dtype=np.float32), assignment.astype(np.int64, copy=False)
     centroids = _two_level_centroids(faiss, xn, int(k), int(niter), int(seed), spherical, gpu)
-    index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT if spherical else faiss.METRIC_L2)
-    index.hnsw.efSearch = 128
+    # Nearest centroid through an inverted file over the centroids (√k lists, 8 probed): on
+    # clustered data an HNSW graph of the centroids leaves ~15 % of them nearest to no point.
+    lists = max(1, int(round(math.sqrt(k))))
+    metric_id = faiss.METRIC_INNER_PRODUCT if spherical else faiss.METRIC_L2
+    quantizer = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
+    index = faiss.IndexIVFFlat(quantizer, d, lists, metric_id)
+    index.cp.min_points_per_centroid = 1
+    index.train(centroids)
     index.add(centroids)
+    index.nprobe = min(lists, IVF_PROBES)
     _, assignment = index.search(xn, 1)
     return centroids, assignment[:, 0].astype(np.int64, copy=False)
+
+
+def drop_empty(centroids: np.ndarray, assignment: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The centroids some point is nearest to, the assignment renumbered to them, and how many went:
+    an empty centroid would make a Ward group of nobody, and fewer than k2 pseudo-speakers."""
+    used = np.bincount(assignment, minlength=len(centroids)) > 0
+    if used.all():
+        return centroids, assignment, 0
+    return centroids[used], (np.cumsum(used) - 1)[assignment], int((~used).sum())
 
 
 def split_counts(sizes: np.ndarray, k: int) -> np.ndarray:
@@ -464,6 +485,12 @@ def pseudo_labels(
     centroids, assignment = kmeans(arr, k1, niter=niter, seed=seed, use_gpu=use_gpu, metric=metric, method=method)
     t1 = time.perf_counter()
     info: dict[str, Any] = {"kmeans": method, "kmeans_seconds": round(t1 - t0, 3)}
+    centroids, assignment, empty = drop_empty(centroids, assignment)
+    if empty:
+        info["empty_centroids"] = empty
+        if k2 is not None and k2 != "auto" and k2 >= len(centroids):
+            raise ValueError(f"k2={k2}: only {len(centroids)} of the k1={k1} k-means clusters hold utterances; "
+                             "lower k2 or raise k1")
     if k2 is None:
         raw = assignment
     else:
