@@ -64,6 +64,8 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     loud = verbose()
     if not loud:
         logging.getLogger("ray").setLevel(logging.WARNING)
+        # "Token authentication is enabled for this Ray cluster": a notice at every start, not a problem
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", message=".*exclude_resources.*")
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
