@@ -53,7 +53,8 @@ def dino_flops() -> int:
         with torch.no_grad():
             teacher([globals_])
         out, _ = student([globals_, locals_])
-        out.float().sum().backward()
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        sum(o.float().sum() for o in outs).backward()
 
     return _flops(step) // 2
 
