@@ -147,7 +147,11 @@ def _divert(fd: int, stream: Any) -> None:
     thread.start()
 
     def restore() -> None:
-        stream.flush()
+        for current in (stream, sys.stdout, sys.stderr):
+            try:
+                current.flush()
+            except (ValueError, OSError, AttributeError):  # closed or replaced (pytest's capture, say)
+                pass
         os.dup2(original, fd)  # the pipe's last writer closes: the pump drains it and ends
         thread.join(timeout=2.0)
 
