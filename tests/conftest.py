@@ -41,6 +41,21 @@ def toy(tmp_path_factory, ray_session):
     return SimpleNamespace(root=root, shards=root / "shards", test=root / "test", dev=root / "dev")
 
 
+def save_tiny_ecapa(folder, threshold: float):
+    """A small random ECAPA checkpoint that scores whole files (no crops) against ``threshold``."""
+    import torch
+
+    from raysv.artifacts.checkpoint import read_model_json, save_model, write_model_json
+    from raysv.models.ecapa import ECAPAEncoder
+
+    torch.manual_seed(0)
+    folder = save_model(folder, ECAPAEncoder(channels=32, mfa_channels=96, embed_dim=16))
+    meta = read_model_json(folder)
+    meta.update({"threshold": threshold, "eval": {"crops": 0, "max_seconds": 30.0}})
+    write_model_json(folder, meta)
+    return folder
+
+
 def tiny_overrides(toy, runs) -> list[str]:
     """Overrides that make configs/demo.yaml run in seconds on the toy fixture."""
     return [

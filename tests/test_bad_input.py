@@ -9,21 +9,15 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
-from raysv.artifacts.checkpoint import read_model_json, save_model, write_model_json
-from raysv.models.ecapa import ECAPAEncoder
+from conftest import save_tiny_ecapa
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A small model, four good files, and one file of each kind of bad audio."""
     root = tmp_path_factory.mktemp("bad_input")
-    torch.manual_seed(0)
-    model = save_model(root / "model", ECAPAEncoder(channels=32, mfa_channels=96, embed_dim=16))
-    meta = read_model_json(model)
-    meta.update({"threshold": 0.5, "eval": {"crops": 0, "max_seconds": 30.0}})
-    write_model_json(model, meta)
+    model = save_tiny_ecapa(root / "model", threshold=0.5)
     rng = np.random.default_rng(0)
     wav = root / "wav"
     wav.mkdir()
@@ -52,6 +46,15 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *named: str) -> str
     return lines[0]
 
 
+def evaluate_list(files, tmp_path, ray_session, lines: str) -> subprocess.CompletedProcess:
+    """``raysv evaluate --checkpoint`` of the small model on a trial list of ``lines``, on the session's cluster."""
+    model, wav = files
+    trials = tmp_path / "trials.txt"
+    trials.write_text(lines)
+    return raysv("evaluate", "--checkpoint", model, "--trials", trials, "--audio-root", wav,
+                 ray_address=ray_session.get_runtime_context().gcs_address)
+
+
 def test_malformed_trial_line_names_file_and_line(files, tmp_path):
     _, wav = files
     trials = tmp_path / "trials.txt"
@@ -64,11 +67,8 @@ def test_malformed_trial_line_names_file_and_line(files, tmp_path):
 
 
 def test_evaluate_names_all_unusable_files_before_embedding(ray_session, files, tmp_path):
-    model, wav = files
-    trials = tmp_path / "trials.txt"
-    trials.write_text("1 good0.wav empty.wav\n0 good1.wav short.wav\n1 good2.wav missing.wav\n0 good0.wav good3.wav\n")
-    done = raysv("evaluate", "--checkpoint", model, "--trials", trials, "--audio-root", wav,
-                 ray_address=ray_session.get_runtime_context().gcs_address)
+    done = evaluate_list(files, tmp_path, ray_session,
+                         "1 good0.wav empty.wav\n0 good1.wav short.wav\n1 good2.wav missing.wav\n0 good0.wav good3.wav\n")
     line = assert_one_line_error(done,
                                  "3 of 7 files", "empty.wav", "short.wav", "missing.wav", "--skip-bad")
     assert "good" not in line
@@ -76,11 +76,7 @@ def test_evaluate_names_all_unusable_files_before_embedding(ray_session, files, 
 
 def test_nan_audio_met_while_embedding_names_the_file_not_ray(ray_session, files, tmp_path):
     """NaN samples pass the header check; the embedding actor's failure reaches the user as one line."""
-    model, wav = files
-    trials = tmp_path / "trials.txt"
-    trials.write_text("1 good0.wav nan.wav\n0 good1.wav good2.wav\n")
-    done = raysv("evaluate", "--checkpoint", model, "--trials", trials, "--audio-root", wav,
-                 ray_address=ray_session.get_runtime_context().gcs_address)
+    done = evaluate_list(files, tmp_path, ray_session, "1 good0.wav nan.wav\n0 good1.wav good2.wav\n")
     assert_one_line_error(done, "nan.wav", "NaN")
 
 

@@ -10,12 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-import torch
 
-from raysv.artifacts.checkpoint import read_model_json, save_model, write_model_json
+from conftest import save_tiny_ecapa
 from raysv.data.wavscp import read_wav_scp
 from raysv.inference import load_model
-from raysv.models.ecapa import ECAPAEncoder
 from raysv.speakers import UNKNOWN, SpeakerDB
 
 
@@ -29,11 +27,7 @@ def _tone(f0: float, seconds: float, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def model_and_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference")
-    torch.manual_seed(0)
-    folder = save_model(root / "model", ECAPAEncoder(channels=32, mfa_channels=96, embed_dim=16))
-    meta = read_model_json(folder)
-    meta.update({"threshold": 0.9, "eval": {"crops": 0, "max_seconds": 30.0}})
-    write_model_json(folder, meta)
+    folder = save_tiny_ecapa(root / "model", threshold=0.9)
     files = {}
     for name, f0 in (("low", 110.0), ("mid", 180.0), ("high", 290.0)):
         for i in range(3):
