@@ -34,6 +34,7 @@ from raysv.run_config import Config, config_from_dict, round_config
 from raysv.runtime import ensure_ray, storage_path
 from raysv.stages import KINDS, Stage, StageContext
 from raysv.stages.base import train_run_name, training_summary
+from raysv.stages.evaluate import trial_lists
 
 log = logging.getLogger("raysv")
 
@@ -226,9 +227,7 @@ def _run(cfg: Config, until: str | None, restart_from: str | None, fault: dict[s
 def check_trial_lists(cfg: Config) -> None:
     """Every trial list the evaluation stages will read, parsed and its files checked, before any
     training: a missing list or file would otherwise surface after the first stage, hours in."""
-    lists = dict(cfg.data.trials)
-    if cfg.data.dev_trials is not None:
-        lists["dev"] = cfg.data.dev_trials
+    lists = trial_lists(cfg)
     started, files = time.time(), 0
     for t in lists.values():
         files += len(usable_trials(read_trials(t.path), t.audio_root, cfg.eval.skip_bad)[1])

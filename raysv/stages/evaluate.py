@@ -30,6 +30,12 @@ log = logging.getLogger("raysv")
 METRICS = ("eer", "min_dcf_0.01", "min_dcf_0.05", "eer_asnorm", "min_dcf_0.01_asnorm", "min_dcf_0.05_asnorm")
 
 
+def trial_lists(cfg: Config) -> dict[str, Any]:
+    """The trial lists a model is scored on, by their config keys: the dev list (when set) first."""
+    dev = {} if cfg.data.dev_trials is None else {"dev": cfg.data.dev_trials}
+    return {**dev, **cfg.data.trials}
+
+
 def evaluate_checkpoint(
     cfg: Config,
     checkpoint: str | Path,
@@ -44,9 +50,7 @@ def evaluate_checkpoint(
     else raw), is set on the dev list when there is one, otherwise on the first test list,
     and stored in the checkpoint's ``model.json`` with the protocol it belongs to.
     """
-    lists = dict(cfg.data.trials)
-    if cfg.data.dev_trials is not None:
-        lists = {"dev": cfg.data.dev_trials, **lists}
+    lists = trial_lists(cfg)
     if not lists:
         raise ValueError("data.trials is empty: name at least one trial list to evaluate on")
     protocol = cfg.eval.protocol()
