@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from raysv.artifacts.shards import read_row_groups, shard_files, shard_row_groups
+from raysv.artifacts.shards import ROW_GROUP_SIZE, read_row_groups, shard_files, shard_row_groups
 from raysv.audio.augment import AugmentConfig
 from raysv.audio.io import SAMPLE_RATE
 from raysv.config import ConfigError
@@ -181,12 +181,29 @@ def stream_shards(
     if mix_row_groups < 1 or block_rows < 1:
         raise ValueError(f"mix_row_groups and block_rows must be >= 1, got {mix_row_groups}, {block_rows}")
     items = [{"file": uri, "row_group": group} for uri, group in shard_row_groups(path)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).randomize_block_order()
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    _stream_freely(ds.context, mix_row_groups * ROW_GROUP_SIZE // block_rows + 1)
+    ds = ds.randomize_block_order()
     ds = ds.map_batches(
         _read_row_group_batch, fn_kwargs={"columns": list(columns) if columns else None},
         batch_size=mix_row_groups, batch_format="numpy", num_cpus=1,
     )
     return ds.repartition(target_num_rows_per_block=block_rows)
+
+
+def _stream_freely(ctx: Any, blocks_per_read: int) -> None:
+    """Let the crop tasks have every CPU the read steps do not use.
+
+    Ray Data's default scheduling, measured on 2 CPUs (``benchmarks/bench_pipeline.py``), ran one
+    crop task at a time: (1) its resource reservation keeps CPUs for the read and repartition
+    operators although they are idle after their first blocks, and (2) a read task that has
+    produced two blocks more than were taken pauses while still holding its CPU. Here the read
+    operators are cheap (2 % of the CPU time) and one read task's rows are in its memory anyway,
+    so the reservation is off and a read task may hand out all its blocks at once and finish.
+    Memory stays bounded by Ray Data's downstream-capacity backpressure and object spilling.
+    """
+    ctx.op_resource_reservation_enabled = False
+    ctx._max_num_blocks_in_streaming_gen_buffer = max(ctx._max_num_blocks_in_streaming_gen_buffer, blocks_per_read)
 
 
 def _read(data: DataConfig, batch_rows: int) -> Any:
