@@ -41,6 +41,7 @@ class _Clusterer:
         metric: str,
         k2_factor: float,
         method: str,
+        keep: float,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         faiss = import_faiss()
 
@@ -48,7 +49,7 @@ class _Clusterer:
         # stage runs alone, so faiss may use every core of the node.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         faiss.omp_set_num_threads(max(1, cores))
-        return pseudo_labels(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu, metric, k2_factor, method)
+        return pseudo_labels(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu, metric, k2_factor, method, keep)
 
 
 def run_clustering(
@@ -64,6 +65,7 @@ def run_clustering(
     metric: str = "cosine",
     k2_factor: float = 1.0,
     method: str = "flat",
+    keep: float = 1.0,
 ) -> dict[str, Any]:
     """The clustering stage: embeddings -> ``out/labels.parquet`` + ``out/clusters.json`` (written last, the marker).
 
@@ -93,7 +95,7 @@ def run_clustering(
         labels, made = ray.get(
             actor.cluster.remote(
                 ray.put(x), k1, k2, min_cluster_size, niter, seed, use_gpu if on_gpu else False, metric, k2_factor,
-                method,
+                method, keep,
             )
         )
     finally:
@@ -107,6 +109,7 @@ def run_clustering(
         "niter": int(niter),
         "seed": int(seed),
         "metric": metric,
+        "keep": float(keep),
         "dim": int(x.shape[1]),
         "gpu": bool(on_gpu),
         "embeddings": str(embeddings),

@@ -30,6 +30,7 @@ def cluster(cfg: Config, embeddings: str | Path, out: str | Path) -> dict:
         metric=c.metric,
         k2_factor=c.k2_factor,
         method=c.kmeans,
+        keep=c.keep,
     )
 
 

@@ -258,3 +258,47 @@ def test_two_level_kmeans_matches_flat_on_uneven_speakers():
     assert info["kmeans"] == "two_level"
     nmi_two, nmi_flat = normalized_mutual_info_score(y, two), normalized_mutual_info_score(y, flat)
     assert nmi_two > 0.9 and nmi_two >= nmi_flat - 0.02, (nmi_two, nmi_flat)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_keep_labels_the_clearest_rows_and_they_are_purer(metric: str) -> None:
+    """cluster.keep: the kept half sits far from the other groups, so it is purer than the dropped half."""
+    x, y = speakers_data(n_speakers=30, per_speaker=40, noise=0.2, seed=3)  # full purity about 0.86
+    full, _ = pseudo_labels(x, k1=120, k2=30, metric=metric)
+    half, _ = pseudo_labels(x, k1=120, k2=30, metric=metric, keep=0.5)
+    kept = half >= 0
+    assert kept.sum() == len(x) // 2
+    dropped = ~kept
+
+    def purity(labels: np.ndarray, truth: np.ndarray) -> float:
+        return sum(np.bincount(truth[labels == g]).max() for g in np.unique(labels)) / len(labels)
+
+    assert purity(full[kept], y[kept]) > purity(full[dropped], y[dropped]) + 0.1
+    # the kept rows keep their groups (renumbered): the same partition as the full labelling
+    assert adjusted_rand_score(full[kept], half[kept]) == 1.0
+
+
+def test_confident_rows_margin_against_a_direct_computation() -> None:
+    from raysv.pseudo.cluster import confident_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    groups = rng.integers(0, 5, 300)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    means = np.stack([unit[groups == g].mean(0) for g in range(5)])
+    sim = unit @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T
+    own = sim[np.arange(300), groups]
+    sim[np.arange(300), groups] = -np.inf
+    expected = np.argsort(-(own - sim.max(1)))[:90]
+    assert set(np.flatnonzero(confident_rows(x, groups, 0.3))) == set(expected)
+    assert confident_rows(x, groups, 1.0).all()
+    with pytest.raises(ValueError, match="keep"):
+        confident_rows(x, groups, 0.0)
+
+
+def test_cluster_keep_outside_zero_one_is_a_config_error() -> None:
+    from raysv.config import ConfigError
+    from raysv.pseudo.cluster import ClusterConfig
+
+    with pytest.raises(ConfigError, match="cluster.keep"):
+        ClusterConfig(k1=10, k2=5, keep=1.5).validate()
