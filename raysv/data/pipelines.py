@@ -203,7 +203,8 @@ def _stream_freely(ctx: Any, blocks_per_read: int) -> None:
     Memory stays bounded by Ray Data's downstream-capacity backpressure and object spilling.
     """
     ctx.op_resource_reservation_enabled = False
-    ctx._max_num_blocks_in_streaming_gen_buffer = max(ctx._max_num_blocks_in_streaming_gen_buffer, blocks_per_read)
+    buffer = "_max_num_blocks_in_streaming_gen_buffer"  # Ray Data's (private) pause point of a read task
+    setattr(ctx, buffer, max(getattr(ctx, buffer, 2) or 2, blocks_per_read))
 
 
 def _read(data: DataConfig, batch_rows: int) -> Any:
