@@ -442,30 +442,28 @@ def confident_rows(x: np.ndarray, groups: np.ndarray, keep: float, metric: str =
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
-    pts = _as_matrix(x).astype(np.float32)
-    if metric == "cosine":
-        pts = pts / np.maximum(np.linalg.norm(pts, axis=1, keepdims=True), 1e-12)
     ids, inverse = np.unique(groups, return_inverse=True)
+    n = len(inverse)
     if len(ids) < 2 or keep == 1.0:
-        return np.ones(len(pts), dtype=bool)
+        return np.ones(n, dtype=bool)
+    pts = _normalised_rows(x) if metric == "cosine" else _as_matrix(x).astype(np.float32)
     means = np.zeros((len(ids), pts.shape[1]), dtype=np.float64)
     np.add.at(means, inverse, pts)
-    means /= np.bincount(inverse, minlength=len(ids))[:, None]
-    means = means.astype(np.float32)
-    margin = np.empty(len(pts), dtype=np.float32)
-    for start in range(0, len(pts), 65536):  # (rows x groups) similarities a block at a time
-        block, own = pts[start:start + 65536], inverse[start:start + 65536]
-        if metric == "cosine":
-            sim = block @ (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)).T
-        else:
-            sim = 2 * block @ means.T - (means * means).sum(1)[None, :]
-        rows = np.arange(len(block))
+    means = (means / np.bincount(inverse)[:, None]).astype(np.float32)
+    # cosine: similarity to the unit mean; euclidean: -|x - m|^2 up to the row's own |x|^2
+    if metric == "cosine":
+        means, offset = _normalised_rows(means, "group means"), np.zeros(len(ids), dtype=np.float32)
+    else:
+        means, offset = 2 * means, -(means * means).sum(1)
+    margin = np.empty(n, dtype=np.float32)
+    for start in range(0, n, _CHECK_BLOCK):  # (rows x groups) similarities a block at a time
+        sim = pts[start:start + _CHECK_BLOCK] @ means.T + offset
+        rows, own = np.arange(len(sim)), inverse[start:start + _CHECK_BLOCK]
         mine = sim[rows, own].copy()
         sim[rows, own] = -np.inf
-        margin[start:start + len(block)] = mine - sim.max(axis=1)
-    count = max(1, int(round(keep * len(pts))))
-    mask = np.zeros(len(pts), dtype=bool)
-    mask[np.argsort(-margin, kind="stable")[:count]] = True
+        margin[start:start + len(sim)] = mine - sim.max(axis=1)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.argsort(-margin, kind="stable")[: max(1, int(round(keep * n)))]] = True
     return mask
 
 
