@@ -1,4 +1,4 @@
-"""Data augmentation: additive noise (MUSAN layout) and reverberation (RIRs).
+"""Data augmentation: additive noise (MUSAN layout), reverberation (RIRs), channel responses and telephone coding.
 
 Runs in NumPy on CPU inside Ray Data ``map_batches`` workers, so an
 :class:`Augmenter` is cheap to construct and to pickle: folders are scanned
@@ -159,6 +159,36 @@ def random_eq_gains(
     return gains
 
 
+def mu_law(wave: np.ndarray, levels: int = 256) -> np.ndarray:
+    """µ-law companding to ``levels`` codes and back (G.711's 8-bit law for 256), of a wave in [-1, 1]."""
+    mu = levels - 1
+    x = np.clip(np.asarray(wave, dtype=np.float64), -1.0, 1.0)
+    code = np.floor((np.sign(x) * np.log1p(mu * np.abs(x)) / np.log1p(mu) + 1.0) / 2.0 * mu + 0.5)
+    y = code / mu * 2.0 - 1.0
+    return np.sign(y) * np.expm1(np.abs(y) * np.log1p(mu)) / mu
+
+
+def telephone_channel(wave: np.ndarray, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A narrowband telephone line: a 200–400 Hz to 3.0–3.7 kHz band-pass, then 8-bit µ-law coding.
+
+    The level before coding is drawn (peak at 0.3–1.0 of full scale), so the quantisation noise
+    varies as it does between calls. Codecs and band limits mark a recording set-up as strongly as
+    a microphone does; without this, self-supervised views of one recording agree on its codec.
+    """
+    x = np.asarray(wave, dtype=np.float64)
+    if x.size == 0:
+        return x
+    freqs = np.fft.rfftfreq(x.size, 1.0 / sample_rate)
+    lo, hi = rng.uniform(200.0, 400.0), min(rng.uniform(3000.0, 3700.0), 0.45 * sample_rate)
+    gains = -60.0 * (np.clip((lo - freqs) / 150.0, 0.0, 1.0) + np.clip((freqs - hi) / 400.0, 0.0, 1.0))
+    y = apply_gains(x, gains)
+    peak = float(np.abs(y).max())
+    if peak <= 0:
+        return y
+    scale = peak / rng.uniform(0.3, 1.0)
+    return mu_law(y / scale) * scale
+
+
 def apply_gains(wave: np.ndarray, gains_db: np.ndarray) -> np.ndarray:
     """Filter by a zero-phase gain curve over the wave's rfft bins, keeping its mean power."""
     x = np.asarray(wave, dtype=np.float64)
@@ -177,6 +207,7 @@ class AugmentInfo:
     snr_db: float | None
     speech: np.ndarray
     noise: np.ndarray | None
+    telephone: bool = False
 
 
 @dataclass
@@ -188,6 +219,7 @@ class AugmentConfig:
     noise_prob: float = 0.6
     reverb_prob: float = 0.3
     eq_prob: float = 0.0  # random channel response (tilt, peaks/notches, band limit) per crop
+    telephone_prob: float = 0.0  # narrowband band-pass and 8-bit µ-law coding per crop
     eq_db: float = 6.0
     snr_noise: tuple[float, float] = (0.0, 15.0)
     snr_music: tuple[float, float] = (5.0, 15.0)
@@ -200,7 +232,7 @@ class AugmentConfig:
 
 
 class Augmenter:
-    """Random reverberation, channel response and additive noise, one independent draw per crop."""
+    """Random reverberation, channel response, telephone coding and additive noise, one independent draw per crop."""
 
     cache_size = 32
 
@@ -217,13 +249,16 @@ class Augmenter:
         sample_rate: int = SAMPLE_RATE,
         eq_prob: float = 0.0,
         eq_db: float = 6.0,
+        telephone_prob: float = 0.0,
     ) -> None:
-        for name, p in (("noise_prob", noise_prob), ("reverb_prob", reverb_prob), ("eq_prob", eq_prob)):
+        for name, p in (("noise_prob", noise_prob), ("reverb_prob", reverb_prob), ("eq_prob", eq_prob),
+                        ("telephone_prob", telephone_prob)):
             if not 0.0 <= float(p) <= 1.0:
                 raise ValueError(f"augment {name} must be in [0, 1], got {p}")
         self.noise_prob = float(noise_prob)
         self.reverb_prob = float(reverb_prob)
         self.eq_prob = float(eq_prob)
+        self.telephone_prob = float(telephone_prob)
         if float(eq_db) < 0:
             raise ValueError(f"augment eq_db must be >= 0, got {eq_db}")
         self.eq_db = float(eq_db)
@@ -257,7 +292,7 @@ class Augmenter:
 
         defaults = cls.__init__.__defaults__  # type: ignore[misc]
         names = ("musan", "rir", "noise_prob", "reverb_prob", "snr_noise", "snr_music",
-                 "snr_babble", "babble_speakers", "sample_rate", "eq_prob", "eq_db")
+                 "snr_babble", "babble_speakers", "sample_rate", "eq_prob", "eq_db", "telephone_prob")
         kwargs = {n: get(n, d) for n, d in zip(names, defaults)}
         if sample_rate is not None:
             kwargs["sample_rate"] = sample_rate
@@ -363,6 +398,7 @@ class Augmenter:
         do_reverb = bool(rng.random() < self.reverb_prob)
         do_noise = bool(rng.random() < self.noise_prob)
         do_eq = bool(rng.random() < self.eq_prob)
+        do_phone = self.telephone_prob > 0 and bool(rng.random() < self.telephone_prob)  # no draw when off
         speech = wave.astype(np.float64)
         if n == 0:
             return wave.astype(np.float32), AugmentInfo(False, False, None, None, speech, None)
@@ -371,6 +407,8 @@ class Augmenter:
         if do_eq:
             freqs = np.fft.rfftfreq(n, 1.0 / self.sample_rate)
             speech = apply_gains(speech, random_eq_gains(freqs, rng, self.eq_db))
+        if do_phone:
+            speech = telephone_channel(speech, rng, self.sample_rate)
         kind = snr = noise = None
         out = speech
         if do_noise and self.kinds:
@@ -382,7 +420,7 @@ class Augmenter:
                 noise = raw * np.sqrt(p_speech / (p_noise * 10.0 ** (snr / 10.0)))
                 out = speech + noise
         info = AugmentInfo(do_reverb, do_eq, kind if noise is not None else None,
-                           snr if noise is not None else None, speech, noise)
+                           snr if noise is not None else None, speech, noise, do_phone)
         return out.astype(np.float32), info
 
     def __call__(self, wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -304,3 +304,46 @@ def test_channel_eq_band_limit_and_probability() -> None:
         Augmenter(eq_prob=1.5)
     with pytest.raises(ValueError, match="eq_db"):
         Augmenter(eq_db=-1.0)
+
+
+def test_mu_law_matches_torchaudio_and_has_256_levels() -> None:
+    import torch
+    import torchaudio.functional as taf
+
+    from raysv.audio.augment import mu_law
+
+    x = np.linspace(-1.0, 1.0, 20001)
+    reference = taf.mu_law_decoding(taf.mu_law_encoding(torch.from_numpy(x), 256), 256).numpy()
+    out = mu_law(x)
+    assert np.max(np.abs(out - reference)) < 1e-6
+    assert len(np.unique(np.round(out, 9))) == 256
+    assert np.array_equal(mu_law(np.array([-3.0, 3.0])), mu_law(np.array([-1.0, 1.0])))  # clipped
+
+
+def test_telephone_channel_band_limits_and_codes() -> None:
+    from raysv.audio.augment import telephone_channel
+
+    white = np.random.default_rng(0).standard_normal(2 * SR) * 0.1
+    out = telephone_channel(white, np.random.default_rng(1), SR)
+    spec = np.abs(np.fft.rfft(out)) ** 2
+    freqs = np.fft.rfftfreq(out.size, 1 / SR)
+    assert spec[(freqs < 150) | (freqs > 4200)].sum() < 1e-3 * spec.sum()
+    assert spec[(freqs > 500) & (freqs < 2900)].sum() > 0.6 * spec.sum()
+    assert len(np.unique(out)) <= 256 < len(np.unique(white))  # 8-bit codes
+    a, b = (telephone_channel(white, np.random.default_rng(s), SR) for s in (2, 3))
+    assert not np.allclose(a, b)  # band edges and level drawn per call
+
+
+def test_telephone_probability_and_untouched_stream_when_off() -> None:
+    x = _speech()
+    plain = Augmenter(noise_prob=0.5, reverb_prob=0.5, eq_prob=0.5)
+    off = Augmenter(noise_prob=0.5, reverb_prob=0.5, eq_prob=0.5, telephone_prob=0.0)
+    for seed in range(4):  # off draws nothing: the same crops as before the option existed
+        assert np.array_equal(plain(x, np.random.default_rng(seed)), off(x, np.random.default_rng(seed)))
+    always = Augmenter(noise_prob=0.0, reverb_prob=0.0, telephone_prob=1.0)
+    out, info = always.augment(x, np.random.default_rng(0))
+    assert info.telephone and out.dtype == np.float32 and not np.allclose(out, x, atol=1e-3)
+    assert np.array_equal(info.speech.astype(np.float32), out)  # no noise: the coded speech is the output
+    with pytest.raises(ValueError, match="telephone_prob"):
+        Augmenter(telephone_prob=-0.1)
+    assert Augmenter.from_config({"telephone_prob": 0.25}).telephone_prob == 0.25
