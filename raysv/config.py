@@ -109,6 +109,24 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def differences(old: Any, new: Any, default: Any = None, prefix: str = "") -> list[str]:
+    """The keys whose values differ between two nested config dicts, as ``key: old → new`` lines.
+
+    With ``default`` (the same slice of a default config), a key the old config lacks whose new
+    value is that default is no change: the setting was added to raysv after the old config was
+    recorded, and its default does what raysv did then.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        default = default if isinstance(default, dict) else {}
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            if key not in old and key in default and new[key] == default[key]:
+                continue
+            out += differences(old.get(key), new.get(key), default.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``a.b=c`` → ``{"a": {"b": c}}``, with ``c`` read as YAML (numbers, null, lists, mappings)."""
     if "=" not in text:

@@ -28,7 +28,7 @@ from raysv.artifacts.layout import RunLayout
 from raysv.artifacts.lock import RunLock
 from raysv.artifacts.shards import manifest_columns
 from raysv.data.trials import read_trials, usable_trials
-from raysv.config import ConfigError
+from raysv.config import ConfigError, differences
 from raysv.errors import InputError
 from raysv.run_config import Config, config_from_dict, round_config
 from raysv.runtime import ensure_ray, storage_path
@@ -84,13 +84,6 @@ def stage_config(cfg: Config, stage: Stage) -> dict[str, Any]:
     return json.loads(json.dumps(KINDS[stage.kind].config_slice(stage_settings(cfg, stage))))
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new), key=str)
-        return [k for key in keys for k in _diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))]
-    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
-
-
 class RunState:
     """``state.json``: completed stages with their config, figures and time; the MLflow parent run."""
 
@@ -125,7 +118,7 @@ def check_unchanged(cfg: Config, stages: list[Stage], state: RunState) -> None:
         entry = state.done(stage)
         if entry is None:
             continue
-        changes = _diff(entry["config"], stage_config(cfg, stage))
+        changes = differences(entry["config"], stage_config(cfg, stage), stage_config(Config(), stage))
         if changes:
             raise ConfigChanged(
                 f"stage {stage.id} is complete but its config changed:\n  " + "\n  ".join(changes)

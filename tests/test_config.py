@@ -61,3 +61,24 @@ def test_round_overrides():
     # A later round's settings stay in the config when a run is shortened from the command line.
     short = load_config(None, ["rounds.count=1", "rounds.overrides={2: {cluster: {k1: 30000}}}"])
     assert round_config(short, 2).cluster.k1 == 30000
+
+
+def test_setting_added_after_a_stage_ran_is_no_change_at_its_default(tmp_path):
+    """A run made before a setting existed continues; the same setting away from its default is named."""
+    from raysv.config import differences
+    from raysv.pipeline import ConfigChanged, RunState, check_unchanged, plan, stage_config
+
+    assert differences({"a": 1}, {"a": 1, "new": 0.0}, {"a": 9, "new": 0.0}) == []
+    assert differences({"a": 1}, {"a": 1, "new": 0.5}, {"a": 9, "new": 0.0}) == ["new: None → 0.5"]
+    assert differences({"a": 1}, {"a": 1, "new": 0.0}) == ["new: None → 0.0"]  # no defaults: strict
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"runs={tmp_path}"])
+    state = RunState(cfg.run_dir)
+    stage = next(s for s in plan(cfg) if s.id == "round_0/cluster")
+    old = stage_config(cfg, stage)
+    del old["cluster"]["keep"]  # recorded by a raysv without cluster.keep
+    state.record(stage, {"config": old})
+    check_unchanged(cfg, plan(cfg), state)
+    halved = load_config(ROOT / "configs" / "demo.yaml", [f"runs={tmp_path}", "cluster.keep=0.5"])
+    with pytest.raises(ConfigChanged, match=r"round_0/cluster .*\n  cluster\.keep: None → 0\.5"):
+        check_unchanged(halved, plan(halved), state)

@@ -17,7 +17,7 @@ from typing import Any
 
 from raysv.artifacts.checkpoint import CHECKPOINT_FILES
 from raysv.artifacts.jsonio import write_json
-from raysv.config import ConfigError, to_dict
+from raysv.config import ConfigError, differences, to_dict
 from raysv.runtime import RayConfig, use_gpu
 
 log = logging.getLogger("raysv.train")
@@ -133,13 +133,6 @@ def fit(
     return out
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new), key=str)
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))]
-    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
-
-
 def check_resumable(settings: TrainSettings, fingerprint: dict[str, Any] | None) -> None:
     """Refuse to resume a training run of other settings; say so when resuming one of the same.
 
@@ -152,7 +145,7 @@ def check_resumable(settings: TrainSettings, fingerprint: dict[str, Any] | None)
     record = folder / "raysv_run.json"
     plain = json.loads(json.dumps(fingerprint, default=str))
     if record.is_file():
-        changes = _differences(json.loads(record.read_text()), plain)
+        changes = differences(json.loads(record.read_text()), plain)
         if changes:
             raise ConfigError(
                 f"training run {settings.run_name} in {settings.storage} was made with other settings:\n  "
