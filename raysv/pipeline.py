@@ -112,13 +112,18 @@ class ConfigChanged(InputError):
     """A completed stage's config differs from the current one."""
 
 
+def _changes(cfg: Config, stage: Stage, entry: dict[str, Any]) -> list[str]:
+    """How ``cfg`` differs from the config a completed stage ran with (a setting added since, at its default, is none)."""
+    return differences(entry["config"], stage_config(cfg, stage), stage_config(Config(), stage))
+
+
 def check_unchanged(cfg: Config, stages: list[Stage], state: RunState) -> None:
     """Refuse to continue a run whose completed stages ran with other settings, naming the changed keys."""
     for stage in stages:
         entry = state.done(stage)
         if entry is None:
             continue
-        changes = differences(entry["config"], stage_config(cfg, stage), stage_config(Config(), stage))
+        changes = _changes(cfg, stage, entry)
         if changes:
             raise ConfigChanged(
                 f"stage {stage.id} is complete but its config changed:\n  " + "\n  ".join(changes)
@@ -129,7 +134,7 @@ def check_unchanged(cfg: Config, stages: list[Stage], state: RunState) -> None:
 def completed_stage_changes(cfg: Config, other: Config) -> list[str]:
     """Completed stages of ``cfg``'s run whose config ``other`` would change (they would need a restart)."""
     state = RunState(cfg.run_dir)
-    return [s.id for s in plan(cfg) if state.done(s) is not None and stage_config(other, s) != state.done(s)["config"]]
+    return [s.id for s in plan(cfg) if state.done(s) is not None and _changes(other, s, state.done(s))]
 
 
 def run_pipeline(

@@ -66,7 +66,7 @@ def test_round_overrides():
 def test_setting_added_after_a_stage_ran_is_no_change_at_its_default(tmp_path):
     """A run made before a setting existed continues; the same setting away from its default is named."""
     from raysv.config import differences
-    from raysv.pipeline import ConfigChanged, RunState, check_unchanged, plan, stage_config
+    from raysv.pipeline import ConfigChanged, RunState, check_unchanged, completed_stage_changes, plan, stage_config
 
     assert differences({"a": 1}, {"a": 1, "new": 0.0}, {"a": 9, "new": 0.0}) == []
     assert differences({"a": 1}, {"a": 1, "new": 0.5}, {"a": 9, "new": 0.0}) == ["new: None → 0.5"]
@@ -82,3 +82,4 @@ def test_setting_added_after_a_stage_ran_is_no_change_at_its_default(tmp_path):
     halved = load_config(ROOT / "configs" / "demo.yaml", [f"runs={tmp_path}", "cluster.keep=0.5"])
     with pytest.raises(ConfigChanged, match=r"round_0/cluster .*\n  cluster\.keep: None → 0\.5"):
         check_unchanged(halved, plan(halved), state)
+    assert completed_stage_changes(cfg, cfg) == [] and completed_stage_changes(cfg, halved) == ["round_0/cluster"]
