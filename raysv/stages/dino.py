@@ -38,7 +38,7 @@ def train_dino(cfg: Config, out: str | Path, *, run_name: str | None = None, mlf
     settings = train_settings(cfg, run_name or standalone_run_name(cfg, "dino", out), out)
     log.info("DINO: %d utterances, %d steps/epoch, %d epochs", rows, steps, cfg.dino.epochs)
     return fit("dino", cfg.dino, dataset, out, settings, method_args={"steps_per_epoch": steps}, mlflow=mlflow,
-               fingerprint=DinoStage().config_slice(cfg), **kw)
+               fingerprint=DinoStage().config_slice(cfg), fingerprint_default=DinoStage().config_slice(Config()), **kw)
 
 
 class DinoStage(StageKind):

@@ -71,10 +71,10 @@ def finetune(
     kind = "lmft" if large_margin else "finetune"
     settings = train_settings(cfg, run_name or standalone_run_name(cfg, kind, out), out)
     log.info("fine-tune: %d labelled utterances, %d classes, %d steps/epoch", rows, int(values.max()) + 1, steps)
-    fingerprint = {"seed": cfg.seed, "data": data_slice(cfg), "finetune": to_dict(section),
+    fingerprint = {**_config_fingerprint(cfg, large_margin),
                    **{k: args[k] for k in ("labels", "init", "init_classifier", "pretrained", "anchor")}}
     out = fit("supervised", section, dataset, out, settings, method_args=args, mlflow=mlflow,
-              fingerprint=fingerprint, **kw)
+              fingerprint=fingerprint, fingerprint_default=_config_fingerprint(Config(), large_margin), **kw)
     final = load_training_state(out)["method"]["labels"].numpy()
     kept = final >= 0
     write_labels(out, np.nonzero(kept)[0], final[kept].astype(np.int32))
@@ -108,6 +108,12 @@ def finetune_init(rcfg: Config, round_index: int) -> Path | None:
     if rcfg.finetune.model.kind == "ecapa" and rcfg.finetune.model.ecapa_init == "dino":
         return rcfg.layout.model("round_0/dino")
     return None
+
+
+def _config_fingerprint(cfg: Config, large_margin: bool) -> dict[str, Any]:
+    """The config settings a fine-tune's result depends on (its inputs' paths are added beside them)."""
+    section = cfg.lmft.finetune_section(cfg.finetune) if large_margin else cfg.finetune
+    return {"seed": cfg.seed, "data": data_slice(cfg), "finetune": to_dict(section)}
 
 
 class FinetuneStage(StageKind):

@@ -53,7 +53,8 @@ def train_simclr(
     settings = train_settings(cfg, run_name or standalone_run_name(cfg, "simclr", out), out)
     log.info("SimCLR: %d utterances, %d views of %.1f s, %d steps/epoch", rows, s.views, s.crop_seconds, steps)
     return fit("simclr", s, dataset, out, settings, method_args=args, mlflow=mlflow,
-               fingerprint={**SimclrStage().config_slice(cfg), "init": args["init"]}, **kw)
+               fingerprint={**SimclrStage().config_slice(cfg), "init": args["init"]},
+               fingerprint_default=SimclrStage().config_slice(Config()), **kw)
 
 
 class SimclrStage(StageKind):

@@ -80,20 +80,22 @@ def fit(
     dev_eval: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
     fingerprint: dict[str, Any] | None = None,
+    fingerprint_default: dict[str, Any] | None = None,
 ) -> Path:
     """Train ``method`` (configured by ``section``) on ``dataset`` with Ray Train; copy the last checkpoint to ``out``.
 
     Re-running with the same storage and ``run_name`` resumes from the last epoch
     checkpoint (Train V2 restores the run by name); finished runs return at once. With a
     ``fingerprint`` (the settings the run's result depends on), resuming a run made with
-    other settings is refused, naming the keys that differ.
+    other settings is refused, naming the keys that differ (``fingerprint_default``, the same
+    settings from raysv's default config, lets a run recorded before a setting existed continue).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from raysv.train.loop import train_loop_per_worker
 
-    check_resumable(settings, fingerprint)
+    check_resumable(settings, fingerprint, fingerprint_default)
     ray_cfg = settings.ray
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -133,10 +135,12 @@ def fit(
     return out
 
 
-def check_resumable(settings: TrainSettings, fingerprint: dict[str, Any] | None) -> None:
+def check_resumable(settings: TrainSettings, fingerprint: dict[str, Any] | None,
+                    default: dict[str, Any] | None = None) -> None:
     """Refuse to resume a training run of other settings; say so when resuming one of the same.
 
-    The settings are kept as ``raysv_run.json`` in the run's storage folder (local storage only:
+    A key the record lacks whose value is its ``default`` is no change (a setting added to
+    raysv after the run started, left as it was). The settings are kept as ``raysv_run.json`` in the run's storage folder (local storage only:
     on object stores the check is skipped).
     """
     if fingerprint is None or "://" in settings.storage:
@@ -145,7 +149,8 @@ def check_resumable(settings: TrainSettings, fingerprint: dict[str, Any] | None)
     record = folder / "raysv_run.json"
     plain = json.loads(json.dumps(fingerprint, default=str))
     if record.is_file():
-        changes = differences(json.loads(record.read_text()), plain)
+        changes = differences(json.loads(record.read_text()), plain,
+                              json.loads(json.dumps(default, default=str)) if default else None)
         if changes:
             raise ConfigError(
                 f"training run {settings.run_name} in {settings.storage} was made with other settings:\n  "

@@ -46,6 +46,12 @@ def test_resuming_other_settings_is_refused_naming_the_keys(toy, tmp_path, caplo
     with pytest.raises(ConfigError, match=r"finetune\.loss_gate\.enabled: True → False") as err:
         check_resumable(settings, {"finetune": {"epochs": 2, "loss_gate": {"enabled": False}}})
     assert "another output folder" in str(err.value)
+    # a setting added to raysv after the run started: its default continues the run, another value is named
+    default = {"finetune": {"epochs": 8, "loss_gate": {"enabled": True, "start_epoch": 2}}}
+    check_resumable(settings, {"finetune": {"epochs": 2, "loss_gate": {"enabled": True, "start_epoch": 2}}}, default)
+    with pytest.raises(ConfigError, match=r"finetune\.loss_gate\.start_epoch: None → 3"):
+        check_resumable(settings, {"finetune": {"epochs": 2, "loss_gate": {"enabled": True, "start_epoch": 3}}},
+                        default)
     record.unlink()
     with pytest.raises(ConfigError, match="without a settings record"):
         check_resumable(settings, {"finetune": {"epochs": 2}})
