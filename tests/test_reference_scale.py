@@ -2,8 +2,8 @@
 
 Only what the toy corpus and this machine force is overridden: data paths, epochs (the gate and
 correction start in the second of two epochs, as they start part-way through the reference's
-15), steps per epoch, batch sizes (4 per worker), Ray resources, one round, cluster and AS-norm
-cohort sizes, two evaluation crops; the trial lists (O, E and H alike, and dev) are the first 24
+15), steps per epoch (one), batch sizes (4 per worker), Ray resources, one round, cluster and AS-norm
+cohort sizes, two evaluation crops; the trial lists (O, E and H alike, and dev) are the first 12
 trials of the toy lists. The models are the reference's: ECAPA-TDNN 1024/3072 with
 the 65,536-prototype DINO head, WavLM Base+ (random weights saved as a local pre-trained
 folder) with MHFA 64 × 128.
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from raysv.artifacts.checkpoint import MODEL_FILE, load_training_state, read_model_json
+from raysv.artifacts.embeddings import read_embeddings
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def reference_run(toy, tmp_path_factory):
     lists = {}
     for name, folder in (("test", toy.test), ("dev", toy.dev)):
         lists[name] = root / f"{name}_trials.txt"
-        lists[name].write_text("".join((folder / "trials.txt").read_text().splitlines(keepends=True)[:24]))
+        lists[name].write_text("".join((folder / "trials.txt").read_text().splitlines(keepends=True)[:12]))
     overrides = [
         f"runs={root / 'runs'}", "name=voxceleb2",
         f"data.shards={toy.shards}",
@@ -47,14 +48,14 @@ def reference_run(toy, tmp_path_factory):
         "data.augment.musan=null", "data.augment.rir=null", "data.shuffle_buffer=8",
         "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.data_cpus=2", "ray.max_failures=0",
         "dino.epochs=1", "dino.batch_size=8",
-        "train.max_steps_per_epoch=2",
+        "train.max_steps_per_epoch=1",
         "cluster.k1=12", "cluster.k2=6",
         f"finetune.model.pretrained={wavlm}",
         "finetune.epochs=2", "finetune.batch_size=8",
         "finetune.loss_gate.start_epoch=1", "finetune.label_correction.start_epoch=1",
         "lmft.epochs=1", "lmft.batch_size=8",
         "rounds.count=1",
-        "eval.crops=2", "eval.asnorm.top_n=10", "eval.asnorm.cohort_size=24",
+        "eval.crops=2", "eval.asnorm.top_n=10", "eval.asnorm.cohort_size=16",
     ]
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     cmd = [sys.executable, "-m", "raysv.cli", "run", "--config", str(ROOT / "configs" / "voxceleb2.yaml"), *overrides]
@@ -76,6 +77,9 @@ def test_every_stage_ran_and_handed_on(reference_run):
         assert "eer_asnorm" in row["trials"]["O"]  # AS-norm beside the raw figures, as configured
     assert (run_dir / "round_0/extract/embeddings.parquet").is_file()
     assert (run_dir / "round_0/cluster/labels.parquet").is_file()
+    for stage in ("round_1/eval", "round_1/lmft_eval"):  # no extraction after them: only the AS-norm sample embedded
+        cohort, _ = read_embeddings(run_dir / stage / "cohort" / "embeddings.parquet")
+        assert len(cohort) == 16, stage
     # The settings record of each Ray Train run: the large-margin stage started from the round's
     # model and classifier, and both fine-tunes are drawn (L2-SP) towards the pre-trained WavLM.
     records = {p.parent.name: json.loads(p.read_text()) for p in run_dir.rglob("raysv_run.json")}

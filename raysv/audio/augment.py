@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.signal import fftconvolve
 
 from raysv.audio.io import SAMPLE_RATE, AudioReadError, read_audio
 
@@ -133,6 +132,9 @@ def reverberate(wave: np.ndarray, rir: np.ndarray) -> np.ndarray:
         raise ValueError("room impulse response is silent")
     rir = rir / energy
     delay = int(np.argmax(np.abs(rir)))
+    # Imported here: scipy.signal costs a second at import, paid only when reverberating.
+    from scipy.signal import fftconvolve
+
     full = fftconvolve(np.asarray(wave, dtype=np.float64), rir, mode="full")
     return full[delay : delay + len(wave)]
 

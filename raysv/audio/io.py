@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from raysv.audio import SAMPLE_RATE
 
@@ -100,6 +99,9 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
         return wave.astype(np.float32, copy=False)
     if orig_rate <= 0 or new_rate <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_rate} -> {new_rate}")
+    # Imported here: scipy.signal costs a second at import, and every Ray worker reads audio.
+    from scipy.signal import resample_poly
+
     g = math.gcd(int(orig_rate), int(new_rate))
     out = resample_poly(wave.astype(np.float64, copy=False), int(new_rate) // g, int(orig_rate) // g)
     return out.astype(np.float32)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from raysv.artifacts.checkpoint import read_model_json
 from raysv.artifacts.embeddings import write_embeddings
@@ -200,6 +202,10 @@ def _describe(values: Iterable[int], limit: int = 10) -> str:
     return ", ".join(str(v) for v in values[:limit]) + more
 
 
+def _rows_in(batch: pa.Table, keep: pa.Array) -> pa.Table:
+    return batch.filter(pc.is_in(batch["utt_index"], value_set=keep))
+
+
 def check_coverage(expected: np.ndarray, produced: np.ndarray, source: str) -> None:
     """Raise unless ``produced`` (sorted) holds every ``expected`` utt_index exactly once and nothing else."""
     produced = np.asarray(produced, dtype=np.int64)
@@ -225,8 +231,12 @@ def extract_embeddings(
     num_actors: int | None = None,
     use_gpu: bool | None = None,
     normalize: bool = True,
+    utt_indices: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Embed every utterance of a shard folder into ``out/embeddings.parquet``; ``out/extract.json`` marks completion.
+
+    ``utt_indices`` embeds only those rows (an AS-norm cohort: a sample, not the whole corpus);
+    the rows are still read, which costs little beside the encoder.
 
     ``checkpoint`` is a raysv model folder, or ``"fbank-mean"`` for the untrained
     baseline (to compare the clustering of a trained encoder against).
@@ -245,6 +255,12 @@ def extract_embeddings(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_samples(max_seconds, SAMPLE_RATE)
     expected = shard_utt_index(shards)
+    if utt_indices is not None:
+        wanted = np.unique(np.asarray(utt_indices, dtype=np.int64))
+        unknown = np.setdiff1d(wanted, expected)
+        if unknown.size:
+            raise ValueError(f"utt_index [{_describe(unknown)}] not in the shards of {shards}")
+        expected = wanted
     out.mkdir(parents=True, exist_ok=True)
     marker = out / MARKER_FILE
     marker.unlink(missing_ok=True)
@@ -252,6 +268,8 @@ def extract_embeddings(
 
     start = time.perf_counter()
     ds = read_shards(shards, columns=["utt_index", "audio"])
+    if utt_indices is not None:
+        ds = ds.map_batches(_rows_in, fn_kwargs={"keep": pa.array(expected)}, batch_format="pyarrow")
     actor_kwargs = {"checkpoint": str(checkpoint), "max_seconds": max_seconds, "use_gpu": use_gpu,
                     "normalize": normalize}
     ds = _map_with_actors(ds, batch_size, num_actors, use_gpu, actor_kwargs)

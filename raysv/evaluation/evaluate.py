@@ -32,7 +32,8 @@ EMBEDDERS = ("fbank-mean", "checkpoint")
 @dataclass
 class AsNormConfig:
     top_n: int | None = None  # None disables AS-norm
-    cohort_size: int = 20000
+    cohort_size: int = 20000  # training utterances drawn (eval.seed) as the cohort; only these are embedded
+    # for a model no extraction stage embedded (the last round, the large-margin stage)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from raysv.artifacts.checkpoint import read_model_json, write_model_json
 from raysv.artifacts.embeddings import read_embeddings
 from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.layout import MARKER
+from raysv.artifacts.shards import shard_utt_index
 from raysv.config import to_dict
 from raysv.data.trials import read_trials, usable_trials
 from raysv.embedding.core import fused_cohort
@@ -113,6 +114,14 @@ def _whole_file_threshold(protocol, trials, files, by_path) -> float | None:
     return float(threshold_at_eer(scores, trials.labels.astype(np.int64)))
 
 
+def _holds(path: Path, utt_indices: np.ndarray) -> bool:
+    """Whether an embeddings file exists and holds every one of ``utt_indices``."""
+    if not path.is_file():
+        return False
+    index, _ = read_embeddings(path)
+    return bool(np.isin(utt_indices, index).all())
+
+
 class EvalStage(StageKind):
     name = "eval"
 
@@ -129,20 +138,22 @@ class EvalStage(StageKind):
 
     @staticmethod
     def _cohort(ctx: StageContext) -> np.ndarray | None:
-        """Training embeddings of the evaluated model, for AS-norm (None when AS-norm is off)."""
+        """A seeded sample of ``cohort_size`` training embeddings of the evaluated model, for AS-norm
+        (None when AS-norm is off): the round's extraction when there is one, else only the sample is embedded."""
         cfg = ctx.cfg
         if cfg.eval.asnorm.top_n is None:
             return None
         stage = ctx.stage
+        every = np.sort(shard_utt_index(cfg.data.shards))
+        rng = np.random.default_rng(cfg.eval.seed)
+        chosen = every[np.sort(rng.choice(len(every), min(cfg.eval.asnorm.cohort_size, len(every)), replace=False))]
         folder = ctx.layout.stage(f"{stage.model.split('/')[0]}/extract")
         if stage.model.endswith("/lmft") or not (folder / MARKER).is_file():
             folder = ctx.layout.cohort(stage.id)
-            if not (folder / EMBEDDINGS_FILE).is_file():
-                extract(cfg, ctx.layout.model(stage.model), folder)
-        _, emb = read_embeddings(folder / EMBEDDINGS_FILE)
-        rng = np.random.default_rng(cfg.eval.seed)
-        take = min(cfg.eval.asnorm.cohort_size, len(emb))
-        return emb[np.sort(rng.choice(len(emb), take, replace=False))]
+            if not _holds(folder / EMBEDDINGS_FILE, chosen):
+                extract(cfg, ctx.layout.model(stage.model), folder, utt_indices=chosen)
+        index, emb = read_embeddings(folder / EMBEDDINGS_FILE)
+        return emb[np.searchsorted(index, chosen)]
 
     def summarise(self, row: dict[str, Any], metrics: dict[str, Any]) -> None:
         trials = metrics["trials"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from raysv.artifacts.shards import check_shards
 from raysv.embedding.pool import extract_embeddings
 from raysv.run_config import Config
@@ -12,8 +14,9 @@ from raysv.runtime import ensure_ray, use_gpu
 from raysv.stages.base import StageContext, StageKind, StageResult
 
 
-def extract(cfg: Config, checkpoint: str | Path, out: str | Path, shards: str | Path | None = None) -> dict:
-    """``out/embeddings.parquet``: every utterance of the shards embedded with the checkpoint."""
+def extract(cfg: Config, checkpoint: str | Path, out: str | Path, shards: str | Path | None = None,
+            utt_indices: np.ndarray | None = None) -> dict:
+    """``out/embeddings.parquet``: every utterance of the shards (or those ``utt_indices``) embedded with the checkpoint."""
     check_shards(shards or cfg.data.shards)
     ensure_ray(cfg.ray)
     return extract_embeddings(
@@ -25,6 +28,7 @@ def extract(cfg: Config, checkpoint: str | Path, out: str | Path, shards: str | 
         num_actors=cfg.extract.num_actors,
         use_gpu=use_gpu(cfg.ray.use_gpu),
         normalize=cfg.extract.normalize,
+        utt_indices=utt_indices,
     )
 
 

@@ -208,3 +208,12 @@ def test_fbank_mean_baseline_extraction(ray_session, shards, tmp_path):
     expected = np.stack([fbank_mean_embedding(waves[i][:limit]) for i in range(len(DURATIONS))])
     np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-5)
     assert info["dim"] == 160 and len(info["actor_pids"]) == 2
+    # an AS-norm cohort: only the chosen rows, equal to the same rows of the whole extraction
+    chosen = np.array([len(DURATIONS) - 1, 0, 2])
+    extract_embeddings("fbank-mean", folder, tmp_path / "cohort", max_seconds=MAX_SECONDS, batch_size=4,
+                       num_actors=1, use_gpu=False, utt_indices=chosen)
+    sub_index, sub = read_embeddings(tmp_path / "cohort" / "embeddings.parquet")
+    np.testing.assert_array_equal(sub_index, np.sort(chosen))
+    np.testing.assert_allclose(sub, expected[np.sort(chosen)], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"utt_index \[999\] not in the shards"):
+        extract_embeddings("fbank-mean", folder, tmp_path / "bad", utt_indices=np.array([0, 999]))
