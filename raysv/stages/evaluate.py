@@ -114,12 +114,13 @@ def _whole_file_threshold(protocol, trials, files, by_path) -> float | None:
     return float(threshold_at_eer(scores, trials.labels.astype(np.int64)))
 
 
-def _holds(path: Path, utt_indices: np.ndarray) -> bool:
-    """Whether an embeddings file exists and holds every one of ``utt_indices``."""
+def _rows(path: Path, utt_indices: np.ndarray) -> np.ndarray | None:
+    """The embeddings of ``utt_indices`` (sorted) from a file, or None when it is absent or lacks one of them."""
     if not path.is_file():
-        return False
-    index, _ = read_embeddings(path)
-    return bool(np.isin(utt_indices, index).all())
+        return None
+    index, emb = read_embeddings(path)
+    at = np.minimum(np.searchsorted(index, utt_indices), len(index) - 1)
+    return emb[at] if np.array_equal(index[at], utt_indices) else None
 
 
 class EvalStage(StageKind):
@@ -150,10 +151,14 @@ class EvalStage(StageKind):
         folder = ctx.layout.stage(f"{stage.model.split('/')[0]}/extract")
         if stage.model.endswith("/lmft") or not (folder / MARKER).is_file():
             folder = ctx.layout.cohort(stage.id)
-            if not _holds(folder / EMBEDDINGS_FILE, chosen):
-                extract(cfg, ctx.layout.model(stage.model), folder, utt_indices=chosen)
-        index, emb = read_embeddings(folder / EMBEDDINGS_FILE)
-        return emb[np.searchsorted(index, chosen)]
+            rows = _rows(folder / EMBEDDINGS_FILE, chosen)
+            if rows is not None:
+                return rows
+            extract(cfg, ctx.layout.model(stage.model), folder, utt_indices=chosen)
+        rows = _rows(folder / EMBEDDINGS_FILE, chosen)
+        if rows is None:
+            raise RuntimeError(f"{folder / EMBEDDINGS_FILE} lacks AS-norm cohort utterances")
+        return rows
 
     def summarise(self, row: dict[str, Any], metrics: dict[str, Any]) -> None:
         trials = metrics["trials"]
