@@ -56,8 +56,26 @@ SCHEDULE = (
 WORKER_TITLES = {"embedding actor": "ray::MapWorker(MapBatches(EmbeddingActor))", "training worker": "ray::RayTrainWorker"}
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, …)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _descends_from_this_session(pid: int) -> bool:
+    """Whether ``pid`` descends from this process: a worker of the Ray cluster this test session started,
+    not of another Ray cluster on the same machine, whose workers this test must never kill."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            pid = int(_stat_fields(pid)[1])
+        except OSError:
+            return False
+    return False
+
+
 def _processes(title: str) -> dict[int, float]:
-    """``{pid: start time (epoch s)}`` of live processes whose Ray title starts with ``title``."""
+    """``{pid: start time (epoch s)}`` of this session's live processes whose Ray title starts with ``title``."""
     boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                 if line.startswith("btime"))
     ticks = os.sysconf("SC_CLK_TCK")
@@ -68,10 +86,11 @@ def _processes(title: str) -> dict[int, float]:
         try:
             if not (proc / "cmdline").read_bytes().startswith(title.encode()):
                 continue
-            stat = (proc / "stat").read_text()
+            started = boot + int(_stat_fields(int(proc.name))[19]) / ticks
         except OSError:
             continue
-        found[int(proc.name)] = boot + int(stat.rsplit(")", 1)[1].split()[19]) / ticks
+        if _descends_from_this_session(int(proc.name)):
+            found[int(proc.name)] = started
     return found
 
 
