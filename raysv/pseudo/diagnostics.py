@@ -90,6 +90,33 @@ def cluster_diagnostics(labels: np.ndarray, speakers: list[str] | np.ndarray | N
     return out
 
 
+def label_agreement(
+    utt_index: np.ndarray, labels: np.ndarray, previous_index: np.ndarray, previous: np.ndarray
+) -> dict[str, Any]:
+    """How far a round's labels agree with the previous round's, over utterances labelled in both.
+
+    NMI and ARI between the two labellings (cluster ids need not match). Needs no speakers: on
+    unlabelled data it is how a user sees the rounds settle (towards 1 as re-clustering stops
+    changing the labels) or a round merely reproduce the labels its model was trained on.
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    idx, lab = np.asarray(utt_index, dtype=np.int64), np.asarray(labels)
+    p_idx, p_lab = np.asarray(previous_index, dtype=np.int64), np.asarray(previous)
+    if idx.shape != lab.shape or p_idx.shape != p_lab.shape:
+        raise ValueError("utt_index and labels must have the same length (both labellings)")
+    common, here, there = np.intersect1d(idx, p_idx, assume_unique=False, return_indices=True)
+    a, b = lab[here], p_lab[there]
+    both = (a >= 0) & (b >= 0)
+    if not both.any():
+        return {"previous_utterances": 0}
+    return {
+        "previous_utterances": int(both.sum()),
+        "previous_nmi": float(normalized_mutual_info_score(b[both], a[both])),
+        "previous_ari": float(adjusted_rand_score(b[both], a[both])),
+    }
+
+
 def manifest_speakers_of(manifest: str | Path, utt_index: np.ndarray) -> np.ndarray | None:
     """Speakers (object array, None = unknown) aligned to ``utt_index`` from ``manifest.parquet`` (file or its folder)."""
     path = Path(manifest)

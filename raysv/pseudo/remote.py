@@ -16,9 +16,9 @@ import numpy as np
 
 from raysv.artifacts.embeddings import read_embeddings
 from raysv.artifacts.jsonio import write_json
-from raysv.artifacts.labels import write_labels
+from raysv.artifacts.labels import read_labels, write_labels
 from raysv.pseudo.cluster import check_settings, import_faiss, pseudo_labels
-from raysv.pseudo.diagnostics import cluster_diagnostics, manifest_speakers_of
+from raysv.pseudo.diagnostics import cluster_diagnostics, label_agreement, manifest_speakers_of
 from raysv.runtime import cluster_gpus, ensure_ray
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,14 @@ def run_clustering(
     k2_factor: float = 1.0,
     method: str = "flat",
     keep: float = 1.0,
+    previous: str | Path | None = None,
 ) -> dict[str, Any]:
     """The clustering stage: embeddings -> ``out/labels.parquet`` + ``out/clusters.json`` (written last, the marker).
 
     The clustering itself runs in a Ray actor (a GPU one when the cluster has
-    GPUs and ``use_gpu`` is not False). Returns the contents of ``clusters.json``.
+    GPUs and ``use_gpu`` is not False). With ``previous`` (a labels file) the agreement of the
+    new labels with those goes beside the speaker figures (:func:`label_agreement`).
+    Returns the contents of ``clusters.json``.
     """
     import ray
 
@@ -117,6 +120,8 @@ def run_clustering(
     }
     info.update(made)
     info.update(cluster_diagnostics(labels, speakers))
+    if previous is not None:
+        info.update(label_agreement(utt_index, labels, *read_labels(previous)))
     info["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(marker, info)
     log.info(
@@ -126,4 +131,7 @@ def run_clustering(
         f", NMI {info['nmi']:.3f} ARI {info['ari']:.3f} purity {info['purity']:.3f}" if "nmi" in info else "",
         info["seconds"],
     )
+    if "previous_nmi" in info:
+        log.info("  against the previous labels: NMI %.3f, ARI %.3f (%d utterances)", info["previous_nmi"],
+                 info["previous_ari"], info["previous_utterances"])
     return info

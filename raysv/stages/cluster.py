@@ -12,8 +12,12 @@ from raysv.runtime import ensure_ray, use_gpu
 from raysv.stages.base import StageContext, StageKind, StageResult
 
 
-def cluster(cfg: Config, embeddings: str | Path, out: str | Path) -> dict:
-    """``out/labels.parquet`` and ``out/clusters.json`` from an embeddings file (or the folder holding it)."""
+def cluster(cfg: Config, embeddings: str | Path, out: str | Path, previous: str | Path | None = None) -> dict:
+    """``out/labels.parquet`` and ``out/clusters.json`` from an embeddings file (or the folder holding it).
+
+    ``previous``: the labels the embedding model was trained on; their agreement with the new
+    labels goes into ``clusters.json``.
+    """
     ensure_ray(cfg.ray)
     manifest = Path(cfg.data.shards) / "manifest.parquet"
     c = cfg.cluster
@@ -31,6 +35,7 @@ def cluster(cfg: Config, embeddings: str | Path, out: str | Path) -> dict:
         k2_factor=c.k2_factor,
         method=c.kmeans,
         keep=c.keep,
+        previous=previous,
     )
 
 
@@ -43,11 +48,16 @@ class ClusterStage(StageKind):
         return {"cluster": to_dict(cfg.cluster)}
 
     def run(self, ctx: StageContext) -> StageResult:
-        metrics = cluster(ctx.cfg, ctx.layout.embeddings(ctx.stage.round), ctx.folder)
+        r = ctx.stage.round
+        previous = ctx.layout.labels(r - 1) if r > 0 else None  # the labels round r's model trained on
+        metrics = cluster(ctx.cfg, ctx.layout.embeddings(r), ctx.folder,
+                          previous if previous is not None and previous.is_file() else None)
         return StageResult(metrics=metrics, artifacts=[ctx.folder / CLUSTERS_FILE])
 
     def summarise(self, row: dict[str, Any], metrics: dict[str, Any]) -> None:
         row["nmi"] = metrics.get("nmi")
+        if "previous_nmi" in metrics:
+            row["nmi_previous"] = metrics["previous_nmi"]
         row["num_clusters"] = metrics.get("num_clusters")
         if "k2_estimate" in metrics:
             row["speakers_estimated"] = metrics["k2_estimate"]

@@ -23,7 +23,7 @@ from raysv.pseudo.cluster import (
     pseudo_labels,
     ward_on_centroids,
 )
-from raysv.pseudo.diagnostics import cluster_diagnostics
+from raysv.pseudo.diagnostics import cluster_diagnostics, label_agreement
 
 
 def speakers_data(
@@ -54,6 +54,30 @@ def test_kmeans_then_ward_recovers_speakers() -> None:
     assert diag["nmi"] == pytest.approx(nmi)
     assert diag["ari"] == pytest.approx(adjusted_rand_score(y, labels))
     assert sum(diag["sizes"]) == len(y) and sum(diag["size_histogram"].values()) == 40
+
+
+def test_label_agreement_matches_sklearn_over_rows_labelled_in_both() -> None:
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(200).astype(np.int64)  # one labelling in another row order, ids renamed
+    new = rng.integers(0, 12, size=200)
+    old_idx = np.arange(50, 250, dtype=np.int64)
+    truth = dict(zip(idx.tolist(), new.tolist()))
+    old = np.array([(5 * truth[i] + 1) % 12 if i in truth else 5 for i in old_idx.tolist()])
+    old[:10] = -1  # dropped in the previous round: not compared
+    new_by = dict(zip(idx.tolist(), new.tolist()))
+    both = [(new_by[i], o) for i, o in zip(old_idx.tolist(), old.tolist()) if i in new_by and o >= 0]
+    a, b = map(np.array, zip(*both))
+    got = label_agreement(idx, new, old_idx, old)
+    assert got["previous_utterances"] == len(both) == 140
+    assert got["previous_nmi"] == pytest.approx(1.0)  # the same partition under other names
+    noisy = new.copy()
+    noisy[:60] = rng.integers(0, 12, size=60)
+    got = label_agreement(idx, noisy, old_idx, old)
+    a = np.array([dict(zip(idx.tolist(), noisy.tolist()))[i] for i, o in zip(old_idx.tolist(), old.tolist())
+                  if i in new_by and o >= 0])
+    assert got["previous_nmi"] == pytest.approx(normalized_mutual_info_score(b, a)) and got["previous_nmi"] < 0.95
+    assert got["previous_ari"] == pytest.approx(adjusted_rand_score(b, a))
+    assert label_agreement(idx, new, old_idx[:0], old[:0]) == {"previous_utterances": 0}
 
 
 def test_kmeans_uses_every_point() -> None:

@@ -13,7 +13,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from test_cluster import speakers_data  # tests/pseudo/test_cluster.py
 
 from raysv.artifacts.embeddings import write_embeddings
-from raysv.artifacts.labels import read_labels
+from raysv.artifacts.labels import read_labels, write_labels
 from raysv.pseudo.remote import run_clustering
 
 
@@ -46,9 +46,13 @@ def test_run_clustering_in_ray_actor(tmp_path: Path, ray_session) -> None:
     assert saved["nmi"] == pytest.approx(expected) and saved["nmi"] >= 0.95
     assert 0.9 <= saved["purity"] <= 1.0 and "ari" in saved
 
-    # no manifest: no speaker figures
-    info2 = run_clustering(emb_dir, tmp_path / "c2", k1=30)
+    # no manifest: no speaker figures; the agreement with a previous labelling needs no speakers
+    previous = write_labels(tmp_path / "previous", utt_index[::2], (y[::2] + 7) % 30)  # every other row, renamed
+    info2 = run_clustering(emb_dir, tmp_path / "c2", k1=30, previous=previous)
     assert "nmi" not in info2 and info2["k2"] is None and info2["num_clusters"] <= 30
+    _, labels2 = read_labels(tmp_path / "c2")
+    assert info2["previous_utterances"] == len(utt_index[::2])
+    assert info2["previous_nmi"] == pytest.approx(normalized_mutual_info_score(y[::2], labels2[::2]))
 
 
 def test_run_clustering_errors_leave_no_marker(tmp_path: Path, ray_session) -> None:
@@ -71,3 +75,26 @@ def _write_manifest(path: Path, utt_index: np.ndarray, speakers: list[str | None
         pa.table({"utt_index": pa.array(utt_index, pa.int64()), "speaker": pa.array(speakers, pa.string())}),
         path,
     )
+
+
+def test_cluster_stage_of_a_later_round_reports_agreement_with_the_labels_it_trained_on(tmp_path: Path,
+                                                                                       ray_session) -> None:
+    from raysv.run_config import load_config
+    from raysv.stages import KINDS
+    from raysv.stages.base import Stage, StageContext
+
+    x, y = speakers_data(n_speakers=10, per_speaker=12, seed=4)
+    utt_index = np.arange(len(y), dtype=np.int64)
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml",
+                      [f"runs={tmp_path}", "name=r", "cluster.k1=30", "cluster.k2=10", f"data.shards={tmp_path}"])
+    layout = cfg.layout
+    write_embeddings(layout.embeddings(1), utt_index, x)
+    write_labels(layout.stage("round_0/cluster"), utt_index, y)  # round 1's model trained on the true speakers
+    stage = Stage("round_1/cluster", "cluster", 1, "round_1/finetune", settings_round=2)
+    result = KINDS["cluster"].run(StageContext(cfg, stage, layout))
+    saved = json.loads((layout.stage("round_1/cluster") / "clusters.json").read_text())
+    _, labels = read_labels(layout.labels(1))
+    assert saved["previous_nmi"] == result.metrics["previous_nmi"] == pytest.approx(normalized_mutual_info_score(y, labels))
+    row: dict = {}
+    KINDS["cluster"].summarise(row, result.metrics)
+    assert row["nmi_previous"] == saved["previous_nmi"]
