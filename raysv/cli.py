@@ -149,6 +149,7 @@ def cmd_cluster(args) -> None:
         manifest=manifest,
         metric=args.metric,
         k2_factor=args.k2_factor,
+        previous=args.previous,
     )
     print(json.dumps(diag, indent=2, default=float))
 
@@ -370,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", help="shards whose manifest gives true speakers for NMI/ARI/purity")
     p.add_argument("--manifest", help="manifest.parquet with true speakers (diagnostics only)")
+    p.add_argument("--previous", help="labels.parquet the embedding model trained on: NMI/ARI of the new labels "
+                                      "against them (no speakers needed)")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("labels", help="labels.parquet of the true speakers in a shard manifest (supervised reference)")
