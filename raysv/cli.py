@@ -71,6 +71,14 @@ def cmd_prepare(args) -> None:
     )
 
 
+def cmd_compare(args) -> None:
+    from raysv.evaluation.compare import compare_scores, format_comparison
+
+    result = compare_scores(args.a, args.b, by=args.by, asnorm=args.asnorm, resamples=args.resamples,
+                            level=args.level, seed=args.seed)
+    print(json.dumps(result, indent=2) if args.json else format_comparison(result))
+
+
 def cmd_evaluate(args) -> None:
     from raysv.artifacts.jsonio import write_json
     from raysv.embedding.core import TrialProtocol
@@ -340,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the trials of unusable audio files (named) instead of stopping")
     _config_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="two evaluations of one trial list: the EER change and its bootstrap interval")
+    p.add_argument("a", help="scores.txt of the first model (or its folder, e.g. runs/demo/round_0/eval/toy)")
+    p.add_argument("b", help="scores.txt of the second model, same trials")
+    p.add_argument("--by", choices=("speaker", "enroll"), default="speaker",
+                   help="what the bootstrap resamples: enrolment speakers (first path component) or utterances")
+    p.add_argument("--asnorm", action="store_true", help="compare the AS-norm scores instead of the raw ones")
+    p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--level", type=float, default=0.9, help="coverage of the interval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    p.set_defaults(func=cmd_compare)
 
     for name, helptext in (("train-dino", "round 0: DINO on ECAPA-TDNN, then evaluate"),
                            ("train-ssl", "self-supervised training: --method dino or simclr, then evaluate")):
