@@ -59,6 +59,12 @@ def test_full_run_writes_every_stage(one_round):
     ratio = results["ratio"]
     assert (ratio["self_supervised"], ratio["supervised"]) == ("round_1/lmft", "reference/lmft")
     assert ratio["eer_ratio"] == pytest.approx(rows["round_1/lmft"]["eer"] / rows["reference/lmft"]["eer"])
+    assert 0 < ratio["low"] <= ratio["high"]  # its speaker-bootstrap interval
+    for name, before in (("round_1/finetune", "round_0/dino"), ("round_1/lmft", "round_1/finetune")):
+        change = rows[name]["change"]  # each self-supervised model against the one before it
+        assert change["vs"] == before and change["low"] <= change["high"]
+        assert change["eer"] == pytest.approx(rows[name]["eer"] - rows[before]["eer"])
+    assert "change" not in rows["round_0/dino"] and "change" not in rows["reference/finetune"]
     true = pq.read_table(cfg.run_dir / "reference/finetune/true_labels/labels.parquet")
     assert len(set(true.column("label").to_pylist())) == 6  # the toy corpus's 6 training speakers
     reference_history = load_training_state(cfg.run_dir / "reference/finetune/model")["history"]
@@ -85,6 +91,7 @@ def test_console_shows_progress_not_ray_internals(one_round):
     assert len(lines) <= 80, "\n".join(lines)
     assert any(" toy: EER " in line for line in lines) and any(" dev: EER " in line for line in lines)
     assert any("supervised epoch 3/3" in line for line in lines)
+    assert any(line.startswith("EER round_1/lmft / reference/lmft = ") and "90 % interval" in line for line in lines)
     assert (cfg.run_dir / "run.log").is_file() and "=== round_1/finetune ===" in (cfg.run_dir / "run.log").read_text()
 
 

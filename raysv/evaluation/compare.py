@@ -84,7 +84,8 @@ def paired_bootstrap(
     level: float = 0.9,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """EER of ``a`` and ``b`` (scores of the same trials), their difference b − a and its bootstrap interval.
+    """EER of ``a`` and ``b`` (scores of the same trials), their difference b − a and ratio b / a, each with
+    its bootstrap interval.
 
     Each resample draws as many groups as there are, with replacement, and keeps all their
     trials for both models; a draw with no target or no non-target trial is drawn again.
@@ -102,6 +103,7 @@ def paired_bootstrap(
     members = np.split(order, starts[1:])
     rng = np.random.default_rng(seed)
     diffs = np.empty(resamples)
+    ratios = np.empty(resamples)
     done = tries = 0
     while done < resamples:
         tries += 1
@@ -111,13 +113,17 @@ def paired_bootstrap(
         y = labels[rows]
         if y.min() == y.max():
             continue
-        diffs[done] = compute_eer(b[rows], y) - compute_eer(a[rows], y)
+        ea, eb = compute_eer(a[rows], y), compute_eer(b[rows], y)
+        diffs[done], ratios[done] = eb - ea, eb / ea if ea > 0 else np.inf
         done += 1
     eer_a, eer_b = compute_eer(a, labels), compute_eer(b, labels)
     tail = 100.0 * (1.0 - level) / 2.0
     low, high = np.percentile(diffs, [tail, 100.0 - tail])
+    ratio_low, ratio_high = np.percentile(ratios, [tail, 100.0 - tail])
     return {"eer_a": eer_a, "eer_b": eer_b, "difference": eer_b - eer_a, "low": float(low), "high": float(high),
-            "sd": float(diffs.std()), "level": level, "groups": int(len(ids)), "resamples": int(resamples)}
+            "sd": float(diffs.std()), "ratio": eer_b / eer_a if eer_a > 0 else float("inf"),
+            "ratio_low": float(ratio_low), "ratio_high": float(ratio_high),
+            "level": level, "groups": int(len(ids)), "resamples": int(resamples)}
 
 
 def compare_scores(a: str | Path, b: str | Path, *, by: str = "speaker", asnorm: bool = False,
