@@ -326,7 +326,7 @@ def _add_intervals(cfg: Config, stages: list[Stage], ssl: list[dict[str, Any]], 
     self-supervised model's EER change against the one before it (``row["change"]``), and the ratio's."""
     from raysv.evaluation.compare import compare_scores
 
-    tests = [name for name in cfg.data.trials]
+    tests = list(cfg.data.trials)
     if not tests:
         return
     scores = {s.model: cfg.layout.stage(s.id) / tests[0] / "scores.txt" for s in stages if s.kind == "eval"}
@@ -336,8 +336,9 @@ def _add_intervals(cfg: Config, stages: list[Stage], ssl: list[dict[str, Any]], 
             return None
         with scores[a].open() as f:
             trials = sum(1 for _ in f)
+        resamples = int(min(max(INTERVAL_TRIAL_EERS / max(trials, 1), 200), 1000))
         try:
-            return compare_scores(scores[a], scores[b], resamples=int(min(max(INTERVAL_TRIAL_EERS / trials, 200), 1000)))
+            return compare_scores(scores[a], scores[b], resamples=resamples)
         except ValueError as err:  # e.g. a list too small to resample
             log.debug("no interval for %s against %s: %s", b, a, err)
             return None
@@ -392,8 +393,11 @@ def _log_summary(cfg: Config, tracker, parent: str, results: dict[str, Any], fin
     if finished and ssl:
         tracker.log_artifact(parent, cfg.layout.model(ssl[-1]["name"]), "final_model")
         tracker.log_metrics(parent, {"final.eer": ssl[-1]["eer"]})
-    if results.get("ratio"):
-        tracker.log_metrics(parent, {"final.eer_ratio_to_supervised": results["ratio"]["eer_ratio"]})
+    ratio = results.get("ratio")
+    if ratio:
+        tracker.log_metrics(parent, {"final.eer_ratio_to_supervised": ratio["eer_ratio"],
+                                     **({"final.eer_ratio_low": ratio["low"], "final.eer_ratio_high": ratio["high"]}
+                                        if "low" in ratio else {})})
     tracker.end_run(parent, status="FINISHED")
 
 
