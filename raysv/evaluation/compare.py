@@ -69,7 +69,7 @@ def trial_groups(enroll: np.ndarray, by: str = "speaker") -> np.ndarray:
     """The unit the bootstrap resamples, per trial: the enrolment speaker (the first path component,
     VoxCeleb layout) or the enrolment utterance itself."""
     if by not in GROUPINGS:
-        raise ValueError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
+        raise InputError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
     keys = [e.split("/", 1)[0] if by == "speaker" else e for e in enroll]
     return np.unique(np.asarray(keys), return_inverse=True)[1].reshape(-1)
 
@@ -95,9 +95,9 @@ def paired_bootstrap(
     if not (a.shape == b.shape == labels.shape == groups.shape):
         raise ValueError(f"scores a {a.shape}, b {b.shape}, labels {labels.shape} and groups {groups.shape} differ")
     if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
+        raise InputError(f"resamples must be >= 1, got {resamples}")
     if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise InputError(f"level must be in (0, 1), got {level}")
     order = np.argsort(groups, kind="stable")
     ids, starts = np.unique(groups[order], return_index=True)
     members = np.split(order, starts[1:])
@@ -108,7 +108,8 @@ def paired_bootstrap(
     while done < resamples:
         tries += 1
         if tries > 20 * resamples:
-            raise ValueError("resampled trials keep lacking targets or non-targets: too few groups to bootstrap")
+            raise InputError("resampled trials keep lacking targets or non-targets: too few groups to bootstrap "
+                             "(--by enroll resamples enrolment utterances instead of speakers)")
         rows = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
         y = labels[rows]
         if y.min() == y.max():

@@ -105,7 +105,7 @@ def label_agreement(
     p_idx, p_lab = np.asarray(previous_index, dtype=np.int64), np.asarray(previous)
     if idx.shape != lab.shape or p_idx.shape != p_lab.shape:
         raise ValueError("utt_index and labels must have the same length (both labellings)")
-    common, here, there = np.intersect1d(idx, p_idx, assume_unique=False, return_indices=True)
+    _, here, there = np.intersect1d(idx, p_idx, return_indices=True)
     a, b = lab[here], p_lab[there]
     both = (a >= 0) & (b >= 0)
     if not both.any():

@@ -100,5 +100,7 @@ def test_mismatched_or_malformed_scores_are_named(tmp_path: Path) -> None:
         read_scores(bad)
     with pytest.raises(InputError, match="no AS-norm scores"):
         compare_scores(a, a, asnorm=True)
+    with pytest.raises(InputError, match=r"level must be in \(0, 1\), got 1.5"):
+        compare_scores(a, a, level=1.5)
     done = subprocess.run([sys.executable, "-m", "raysv.cli", "compare", str(a), str(b)], capture_output=True, text=True)
     assert done.returncode == 2 and "line 8 differs" in done.stderr and "Traceback" not in done.stderr
