@@ -38,10 +38,6 @@ from raysv.stages.evaluate import trial_lists
 
 log = logging.getLogger("raysv")
 
-INTERVAL_TRIAL_EERS = 2e7
-"""Bootstrap work behind the results' intervals: resamples × trials, so that a pair of models costs about a
-second on 4,000 trials (1,000 resamples) and a minute on VoxCeleb1-H (200, the fewest)."""
-
 
 def plan(cfg: Config) -> list[Stage]:
     """Every stage of the run, in order, each with the round whose settings it runs with."""
@@ -324,21 +320,18 @@ def summarise(cfg: Config, stages: list[Stage], state: RunState) -> dict[str, An
 def _add_intervals(cfg: Config, stages: list[Stage], ssl: list[dict[str, Any]], ratio: dict[str, Any] | None) -> None:
     """Speaker-level paired bootstrap intervals on the first test list (:mod:`raysv.evaluation.compare`): each
     self-supervised model's EER change against the one before it (``row["change"]``), and the ratio's."""
-    from raysv.evaluation.compare import compare_scores
+    from raysv.evaluation.compare import SCORES_FILE, compare_scores
 
     tests = list(cfg.data.trials)
     if not tests:
         return
-    scores = {s.model: cfg.layout.stage(s.id) / tests[0] / "scores.txt" for s in stages if s.kind == "eval"}
+    scores = {s.model: cfg.layout.stage(s.id) / tests[0] / SCORES_FILE for s in stages if s.kind == "eval"}
 
     def compare(a: str, b: str) -> dict[str, Any] | None:
         if not (a in scores and b in scores and scores[a].is_file() and scores[b].is_file()):
             return None
-        with scores[a].open() as f:
-            trials = sum(1 for _ in f)
-        resamples = int(min(max(INTERVAL_TRIAL_EERS / max(trials, 1), 200), 1000))
         try:
-            return compare_scores(scores[a], scores[b], resamples=resamples)
+            return compare_scores(scores[a], scores[b], resamples=None)
         except ValueError as err:  # e.g. a list too small to resample
             log.debug("no interval for %s against %s: %s", b, a, err)
             return None

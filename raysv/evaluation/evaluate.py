@@ -21,6 +21,7 @@ from raysv.data.trials import Trials, read_trials, usable_trials
 from raysv.embedding.baseline import fbank_mean_embedding
 from raysv.config import check_choice, check_non_negative, check_positive
 from raysv.embedding.core import TrialProtocol, trial_vector
+from raysv.evaluation.compare import SCORES_FILE
 from raysv.evaluation.scoring import decide, evaluate_scores, score_trials
 from raysv.runtime import RayConfig, ensure_ray, on_terminal
 
@@ -170,7 +171,7 @@ def _write_outputs(
     from raysv.evaluation.plots import plot_det, plot_score_histogram
 
     folder.mkdir(parents=True, exist_ok=True)
-    scores_path = folder / "scores.txt"
+    scores_path = folder / SCORES_FILE
     with scores_path.open("w") as f:
         for i, (s, lab, e, t) in enumerate(zip(raw, labels, enroll, test)):
             extra = f" {float(normalised[i]):.6f}" if normalised is not None else ""
