@@ -79,6 +79,13 @@ def cmd_compare(args) -> None:
     print(json.dumps(result, indent=2) if args.json else format_comparison(result))
 
 
+def cmd_seeds(args) -> None:
+    from raysv.evaluation.seeds import format_spread, seed_spread
+
+    spread = seed_spread(args.runs, trials=args.trials)
+    print(json.dumps(spread, indent=2) if args.json else format_spread(spread))
+
+
 def cmd_evaluate(args) -> None:
     from raysv.artifacts.jsonio import write_json
     from raysv.embedding.core import TrialProtocol
@@ -360,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print every figure as JSON")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("seeds", help="runs of one config with other seeds: each stage's mean EER and spread")
+    p.add_argument("runs", nargs="+", help="run folders (or their results.json), e.g. runs/demo-s0 runs/demo-s1")
+    p.add_argument("--trials", help="the trial list to read (default: each run's first test list)")
+    p.add_argument("--json", action="store_true", help="print every figure as JSON")
+    p.set_defaults(func=cmd_seeds)
 
     for name, helptext in (("train-dino", "round 0: DINO on ECAPA-TDNN, then evaluate"),
                            ("train-ssl", "self-supervised training: --method dino or simclr, then evaluate")):
