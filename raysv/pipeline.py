@@ -30,6 +30,7 @@ from raysv.artifacts.shards import manifest_columns
 from raysv.data.trials import read_trials, usable_trials
 from raysv.config import ConfigError, differences
 from raysv.errors import InputError
+from raysv.evaluation.seeds import self_supervised
 from raysv.run_config import Config, config_from_dict, round_config
 from raysv.runtime import ensure_ray, storage_path
 from raysv.stages import KINDS, Stage, StageContext
@@ -308,7 +309,7 @@ def summarise(cfg: Config, stages: list[Stage], state: RunState) -> dict[str, An
         KINDS[stage.kind].summarise(row, entry["metrics"])
     results: dict[str, Any] = {"run": cfg.name, "stages": list(rows.values())}
     evaluated = [r for r in rows.values() if r.get("eer") is not None]
-    ssl = [r for r in evaluated if not r["name"].startswith(("reference/", "baseline/"))]
+    ssl = [r for r in evaluated if self_supervised(r["name"])]
     supervised = [r for r in evaluated if r["name"].startswith("reference/")]
     if ssl and supervised and supervised[-1]["eer"] > 0:
         results["ratio"] = {"self_supervised": ssl[-1]["name"], "supervised": supervised[-1]["name"],
@@ -382,7 +383,7 @@ def _log_summary(cfg: Config, tracker, parent: str, results: dict[str, Any], fin
         path = plot_rounds(rows, cfg.layout.rounds_plot)
         tracker.log_artifact(parent, path)
     tracker.log_artifact(parent, cfg.layout.results)
-    ssl = [r for r in rows if not r["name"].startswith(("reference/", "baseline/"))]
+    ssl = [r for r in rows if self_supervised(r["name"])]
     if finished and ssl:
         tracker.log_artifact(parent, cfg.layout.model(ssl[-1]["name"]), "final_model")
         tracker.log_metrics(parent, {"final.eer": ssl[-1]["eer"]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -79,6 +80,27 @@ def test_full_run_writes_every_stage(one_round):
     simclr = json.loads((cfg.run_dir / "baseline/simclr/model/model.json").read_text())
     assert simclr["method"] == "simclr"  # the contrastive baseline ran as a stage and was scored
     assert (cfg.run_dir / "baseline/simclr_eval/metrics.json").is_file()
+
+
+def test_seeds_reads_the_results_a_run_writes(one_round, tmp_path):
+    from raysv.evaluation.seeds import seed_spread
+
+    cfg, results = one_round
+    again = tmp_path / "again"  # the same figures under another run's name: no spread
+    again.mkdir()
+    shutil.copy(cfg.run_dir / "results.json", again / "results.json")
+    spread = seed_spread([cfg.run_dir, again])
+    rows = {row["name"]: row for row in results["stages"]}
+    assert [s["name"] for s in spread["stages"]] == list(rows) and spread["missing"] == []
+    assert spread["trials"] == "toy"
+    for stage in spread["stages"]:
+        assert stage["mean"] == pytest.approx(rows[stage["name"]]["eer"]) and stage["sd"] == 0
+    change = {s["name"]: s for s in spread["stages"]}["round_1/finetune"]["change"]
+    assert change["vs"] == "round_0/dino"  # past the SimCLR baseline, as the run's own change
+    assert change["mean"] == pytest.approx(rows["round_1/finetune"]["change"]["eer"])
+    assert spread["ratio"]["mean"] == pytest.approx(results["ratio"]["eer_ratio"]) and spread["notes"] == []
+    assert seed_spread([cfg.run_dir, again], trials="dev")["stages"][0]["mean"] == pytest.approx(
+        rows["round_0/dino"]["trials"]["dev"]["eer"])
 
 
 def test_console_shows_progress_not_ray_internals(one_round):
