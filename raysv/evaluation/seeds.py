@@ -14,7 +14,7 @@ reference is given the same way.
 from __future__ import annotations
 
 import json
-import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,7 @@ def _eers(results: dict[str, Any], trials: str) -> dict[str, float]:
 
 def _mean_sd(values: list[float]) -> dict[str, float]:
     """Mean, sample standard deviation (n - 1), smallest and largest of ``values``."""
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values)}
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values), "min": min(values), "max": max(values)}
 
 
 def seed_spread(runs: list[str | Path], trials: str | None = None) -> dict[str, Any]:
