@@ -395,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--k1", type=int, required=True)
-    p.add_argument("--k2", type=_k2, default=None, help="a number, or auto (estimated from the embeddings)")
+    p.add_argument("--k2", type=_k2, default=None,
+                   help="a number, or auto: the knee of the Ward merge heights, which finds well-separated "
+                   "speakers but only the coarse groups of weaker embeddings (docs/toy-corpora.md)")
     p.add_argument("--k2-factor", type=float, default=1.0, help="with --k2 auto: groups per estimated speaker")
     p.add_argument("--min-cluster-size", type=int, default=0)
     p.add_argument("--niter", type=int, default=20)

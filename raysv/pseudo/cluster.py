@@ -31,7 +31,9 @@ class ClusterConfig:
     """``cluster``: k-means into ``k1`` groups, then Ward clustering of the centroids into ``k2``."""
 
     k1: int = 50000
-    k2: int | str | None = 7500  # a number, auto (estimated from the data), or null (k-means clusters as they are)
+    # a number, auto (estimated from the data: reliable on well-separated speakers only, see
+    # docs/toy-corpora.md), or null (k-means clusters as they are)
+    k2: int | str | None = 7500
     k2_factor: float = 1.0  # with k2: auto, over-cluster: this many groups per estimated speaker
     min_cluster_size: int = 0
     niter: int = 20
