@@ -164,6 +164,7 @@ def cmd_cluster(args) -> None:
         manifest=manifest,
         metric=args.metric,
         k2_factor=args.k2_factor,
+        k2_fallback=args.k2_fallback,
         previous=args.previous,
     )
     print(json.dumps(diag, indent=2, default=float))
@@ -396,9 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--k1", type=int, required=True)
     p.add_argument("--k2", type=_k2, default=None,
-                   help="a number, or auto: the knee of the Ward merge heights, which finds well-separated "
-                   "speakers but only the coarse groups of weaker embeddings (docs/toy-corpora.md)")
+                   help="a number, or auto: the Ward cut of best silhouette, a count only where the embeddings "
+                   "show one (docs/toy-corpora.md)")
     p.add_argument("--k2-factor", type=float, default=1.0, help="with --k2 auto: groups per estimated speaker")
+    p.add_argument("--k2-fallback", type=int, default=None,
+                   help="with --k2 auto: the groups where the silhouette shows no count (default: stop with an error)")
     p.add_argument("--min-cluster-size", type=int, default=0)
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean",

@@ -44,6 +44,8 @@ def test_wrong_type_named(tmp_path):
 def test_cross_key_checks():
     with pytest.raises(ConfigError, match="k2"):
         load_config(None, ["cluster.k1=10", "cluster.k2=10"])
+    with pytest.raises(ConfigError, match=r"cluster\.k2_fallback \(10\) must be smaller than cluster\.k1 \(10\)"):
+        load_config(None, ["cluster.k1=10", "cluster.k2=auto", "cluster.k2_fallback=10"])
     with pytest.raises(ConfigError, match="ray.use_gpu"):
         load_config(None, ["ray.use_gpu=maybe"])
     with pytest.raises(ConfigError, match=r"dino\.diversity\.covariance: must be >= 0, got -0\.1"):

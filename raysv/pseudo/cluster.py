@@ -31,10 +31,11 @@ class ClusterConfig:
     """``cluster``: k-means into ``k1`` groups, then Ward clustering of the centroids into ``k2``."""
 
     k1: int = 50000
-    # a number, auto (estimated from the data: reliable on well-separated speakers only, see
-    # docs/toy-corpora.md), or null (k-means clusters as they are)
+    # a number, auto (the Ward cut of best silhouette: a count only where the embeddings
+    # show one, see docs/toy-corpora.md), or null (k-means clusters as they are)
     k2: int | str | None = 7500
     k2_factor: float = 1.0  # with k2: auto, over-cluster: this many groups per estimated speaker
+    k2_fallback: int | None = None  # with k2: auto, the groups where no count shows (null: stop with an error)
     min_cluster_size: int = 0
     niter: int = 20
     seed: int = 0
@@ -49,6 +50,9 @@ class ClusterConfig:
         check_choice(f"{prefix}.kmeans", self.kmeans, KMEANS_METHODS)
         check_positive(f"{prefix}.k1", self.k1)
         check_positive(f"{prefix}.k2_factor", self.k2_factor)
+        check_positive(f"{prefix}.k2_fallback", self.k2_fallback)
+        if self.k2_fallback is not None and self.k2_fallback >= self.k1:
+            raise ConfigError(f"{prefix}.k2_fallback ({self.k2_fallback}) must be smaller than {prefix}.k1 ({self.k1})")
         if isinstance(self.k2, str):
             if self.k2 != "auto":
                 raise ConfigError(f"{prefix}.k2: a number, auto or null, got {self.k2!r}")
@@ -390,46 +394,56 @@ def ward_on_centroids(centroids: np.ndarray, k2: int) -> np.ndarray:
     return cut_linkage(ward_linkage(centroids), k2)
 
 
-def _segment_sse(prefix: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least-squares line residual (sum of squares) of points a..b-1, from prefix sums of n, x, y, x², xy, y²."""
-    n, sx, sy, sxx, sxy, syy = (prefix[b, i] - prefix[a, i] for i in range(6))
-    cxx = sxx - sx * sx / n
-    cxy = sxy - sx * sy / n
-    cyy = syy - sy * sy / n
-    return np.maximum(cyy - np.where(cxx > 0, cxy * cxy / np.where(cxx > 0, cxx, 1.0), 0.0), 0.0)
+SILHOUETTE_SAMPLE = 10_000
+"""``k2: auto`` scores the Ward cuts on at most this many utterances (a random sample): the
+silhouette needs their pairwise distances (10,000: 400 MB, about a second per cut)."""
+SILHOUETTE_STEP = 1.08  # the cuts scored: k = 2, then about 8 % more groups each
 
 
-def estimate_clusters(z: np.ndarray) -> int:
-    """How many clusters the linkage ``z`` holds: the knee of its merge heights (the L-method).
+def silhouette_curve(
+    x: np.ndarray, z: np.ndarray, assignment: np.ndarray, metric: str = "cosine", seed: int = 0,
+    sample: int = SILHOUETTE_SAMPLE,
+) -> list[tuple[int, float]]:
+    """Mean silhouette of the utterances for Ward cuts of the centroids' linkage ``z`` into k groups.
 
-    Salvador & Chan (ICTAI 2004): on the evaluation graph (number of clusters k, height of
-    the merge that takes k to k - 1) two straight lines are fitted, left and right of each
-    split; the split with the least size-weighted RMSE is the knee. The fit is repeated on
-    the graph up to twice the knee until the knee stops moving, so the long tail of tiny
-    merges does not decide it.
+    k runs geometrically from 2 to half the number of centroids (a cut into more groups
+    than that leaves most groups a single k-means cluster). The silhouette compares each
+    utterance's mean distance to its own group with that to the nearest other group
+    (Rousseeuw 1987), on ``sample`` utterances drawn once for every cut.
     """
-    n = z.shape[0] + 1
-    if n < 8:
-        return max(1, n // 2)
-    k = np.arange(2, n + 1, dtype=np.float64)  # clusters
-    y = z[::-1, 2][: len(k)].astype(np.float64)  # the merge taking k clusters to k - 1
-    cutoff, knee = len(k), None
-    for _ in range(20):
-        xs, ys = k[:cutoff], y[:cutoff]
-        prefix = np.zeros((cutoff + 1, 6))
-        prefix[1:] = np.cumsum(np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=1), axis=0)
-        split = np.arange(3, cutoff - 2)  # left: points [0, c), right: [c, cutoff), each >= 3
-        if split.size == 0:
-            break
-        left = np.sqrt(_segment_sse(prefix, np.zeros_like(split), split) / split)
-        right = np.sqrt(_segment_sse(prefix, split, np.full_like(split, cutoff)) / (cutoff - split))
-        total = (split * left + (cutoff - split) * right) / cutoff
-        new = int(xs[split[int(np.argmin(total))]])
-        if knee is not None and new >= knee:
-            break
-        knee = new
-        cutoff = min(len(k), max(2 * knee, 20))
-    return int(knee if knee is not None else 2)
+    from sklearn.metrics import silhouette_score
+
+    n_centroids = z.shape[0] + 1
+    ks = sorted({int(round(2 * SILHOUETTE_STEP ** i)) for i in range(400)} & set(range(2, n_centroids // 2 + 1)))
+    pts = _normalised_rows(x) if metric == "cosine" else _as_matrix(x).astype(np.float32)
+    rows = np.random.default_rng(seed).permutation(len(pts))[:sample]
+    p = pts[rows]
+    if metric == "cosine":
+        dist = np.clip(1.0 - p @ p.T, 0.0, None)
+    else:
+        sq = (p * p).sum(1)
+        dist = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2.0 * p @ p.T, 0.0, None))
+    np.fill_diagonal(dist, 0.0)
+    curve = []
+    for k in ks:
+        groups = cut_linkage(z, k)[assignment[rows]]
+        if len(np.unique(groups)) < 2:
+            continue
+        curve.append((k, float(silhouette_score(dist, groups, metric="precomputed"))))
+    return curve
+
+
+def estimate_clusters(curve: list[tuple[int, float]]) -> int | None:
+    """The k of best mean silhouette, or None where the best lies at either end of the range.
+
+    A maximum at the first or last k scored means the silhouette keeps rising past the range:
+    the embeddings show no count in it (on the tube voices' embeddings it peaks at 2 groups or
+    rises to the end, see docs/toy-corpora.md), and a number there would be a guess.
+    """
+    if len(curve) < 3:
+        return None
+    best = max(range(len(curve)), key=lambda i: curve[i][1])
+    return None if best in (0, len(curve) - 1) else int(curve[best][0])
 
 
 def confident_rows(x: np.ndarray, groups: np.ndarray, keep: float, metric: str = "cosine") -> np.ndarray:
@@ -500,6 +514,15 @@ def check_settings(n: int, k1: int, k2: int | None, min_cluster_size: int, niter
         raise ValueError(f"niter must be >= 1, got {niter}")
 
 
+def estimate_note(info: dict[str, Any]) -> str:
+    """What ``k2: auto`` found, for a log line; empty for a fixed k2."""
+    if "k2_estimate" not in info:
+        return ""
+    if info["k2_estimate"] is None:
+        return ", no speaker count in the silhouette: k2_fallback"
+    return f", {info['k2_estimate']} speakers estimated × {info['k2_factor']:g}"
+
+
 def pseudo_labels(
     embeddings: np.ndarray,
     k1: int,
@@ -512,14 +535,16 @@ def pseudo_labels(
     k2_factor: float = 1.0,
     method: str = "flat",
     keep: float = 1.0,
+    k2_fallback: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Pseudo-labels (N,) int32 for the rows of ``embeddings``, and how they were made.
 
     k-means into k1, then Ward of the centroids into k2; every utterance takes its
     centroid's group (k2=None keeps the k-means clusters). ``k2="auto"``: the number of
-    groups is estimated from the Ward merge heights (:func:`estimate_clusters`) and
-    multiplied by ``k2_factor`` (over-clustering). ``keep`` < 1 labels only that fraction of the
-    utterances, those whose group is clearest (:func:`confident_rows`); the others become -1.
+    groups is the Ward cut of best silhouette (:func:`estimate_clusters`) times ``k2_factor``
+    (over-clustering), or ``k2_fallback`` where the silhouette shows no count. ``keep`` < 1
+    labels only that fraction of the utterances, those whose group is clearest
+    (:func:`confident_rows`); the others become -1.
     Clusters with fewer than ``min_cluster_size`` utterances become -1; the rest are numbered
     0..C-1, largest first, ties by first row.
     """
@@ -541,9 +566,16 @@ def pseudo_labels(
     else:
         z = ward_linkage(centroids)
         if k2 == "auto":
-            estimate = estimate_clusters(z)
-            k2 = int(min(max(round(k2_factor * estimate), 2), k1 - 1))
-            info.update({"k2_estimate": estimate, "k2_factor": float(k2_factor)})
+            curve = silhouette_curve(arr, z, assignment, metric, seed)
+            estimate = estimate_clusters(curve)
+            if estimate is None and k2_fallback is None:
+                raise ValueError(
+                    f"k2=auto: the silhouette of the Ward cuts is best at an end of k = {curve[0][0] if curve else 2}"
+                    f"..{curve[-1][0] if curve else 2} ({len(centroids)} centroids): these embeddings show no count of "
+                    "speakers; set cluster.k2 to a number, or cluster.k2_fallback")
+            k2 = k2_fallback if estimate is None else int(min(max(round(k2_factor * estimate), 2), len(centroids) - 1))
+            info.update({"k2_estimate": estimate, "k2_factor": float(k2_factor),
+                         "silhouette": [[k, round(v, 4)] for k, v in curve]})
         info["k2_used"] = int(k2)
         raw = cut_linkage(z, int(k2))[assignment]
     if keep < 1.0:
@@ -553,7 +585,7 @@ def pseudo_labels(
     log.info(
         "clustered %d x %d embeddings: %s k-means k1=%d in %.1fs, Ward k2=%s%s in %.1fs",
         arr.shape[0], arr.shape[1], metric, k1, t1 - t0, info.get("k2_used"),
-        f" (estimate {info['k2_estimate']} × {k2_factor:g})" if "k2_estimate" in info else "", info["ward_seconds"],
+        estimate_note(info), info["ward_seconds"],
     )
     return labels, info
 

@@ -17,7 +17,7 @@ import numpy as np
 from raysv.artifacts.embeddings import read_embeddings
 from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.labels import read_labels, write_labels
-from raysv.pseudo.cluster import check_settings, import_faiss, pseudo_labels
+from raysv.pseudo.cluster import check_settings, estimate_note, import_faiss, pseudo_labels
 from raysv.pseudo.diagnostics import cluster_diagnostics, label_agreement, manifest_speakers_of
 from raysv.runtime import cluster_gpus, ensure_ray
 
@@ -42,6 +42,7 @@ class _Clusterer:
         k2_factor: float,
         method: str,
         keep: float,
+        k2_fallback: int | None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         faiss = import_faiss()
 
@@ -49,7 +50,8 @@ class _Clusterer:
         # stage runs alone, so faiss may use every core of the node.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         faiss.omp_set_num_threads(max(1, cores))
-        return pseudo_labels(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu, metric, k2_factor, method, keep)
+        return pseudo_labels(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu, metric, k2_factor, method, keep,
+                             k2_fallback)
 
 
 def run_clustering(
@@ -67,6 +69,7 @@ def run_clustering(
     method: str = "flat",
     keep: float = 1.0,
     previous: str | Path | None = None,
+    k2_fallback: int | None = None,
 ) -> dict[str, Any]:
     """The clustering stage: embeddings -> ``out/labels.parquet`` + ``out/clusters.json`` (written last, the marker).
 
@@ -98,7 +101,7 @@ def run_clustering(
         labels, made = ray.get(
             actor.cluster.remote(
                 ray.put(x), k1, k2, min_cluster_size, niter, seed, use_gpu if on_gpu else False, metric, k2_factor,
-                method, keep,
+                method, keep, k2_fallback,
             )
         )
     finally:
@@ -127,7 +130,7 @@ def run_clustering(
     log.info(
         "clustering: %d utterances -> %d clusters (k1=%d, k2=%s%s), %d dropped%s, %.1fs",
         info["num_utterances"], info["num_clusters"], k1, info.get("k2_used"),
-        f", {info['k2_estimate']} speakers estimated" if "k2_estimate" in info else "", info["dropped"],
+        estimate_note(info), info["dropped"],
         f", NMI {info['nmi']:.3f} ARI {info['ari']:.3f} purity {info['purity']:.3f}" if "nmi" in info else "",
         info["seconds"],
     )

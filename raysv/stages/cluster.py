@@ -36,6 +36,7 @@ def cluster(cfg: Config, embeddings: str | Path, out: str | Path, previous: str 
         method=c.kmeans,
         keep=c.keep,
         previous=previous,
+        k2_fallback=c.k2_fallback,
     )
 
 

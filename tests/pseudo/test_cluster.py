@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 from sklearn.cluster import AgglomerativeClustering
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from raysv.artifacts.labels import num_classes
 from raysv.pseudo.cluster import (
@@ -21,6 +21,7 @@ from raysv.pseudo.cluster import (
     estimate_clusters,
     kmeans,
     pseudo_labels,
+    silhouette_curve,
     ward_on_centroids,
 )
 from raysv.pseudo.diagnostics import cluster_diagnostics, label_agreement
@@ -221,7 +222,7 @@ def test_faiss_blas_uses_the_cpu_vector_kernels() -> None:
 
 @pytest.mark.parametrize("speakers", [20, 60, 200])
 def test_k2_auto_estimates_the_number_of_speakers(speakers: int) -> None:
-    """k2: auto — the knee of the Ward merge heights of the k-means centroids, within ±30 % of the truth."""
+    """k2: auto — the Ward cut of best silhouette, within ±30 % of the truth."""
     rng = np.random.default_rng(speakers)
     sizes = rng.integers(10, 40, speakers)  # unequal speakers
     centres = rng.standard_normal((speakers, 64))
@@ -229,18 +230,39 @@ def test_k2_auto_estimates_the_number_of_speakers(speakers: int) -> None:
     labels, info = pseudo_labels(x, k1=min(6 * speakers, len(x) // 3), k2="auto", metric="cosine", k2_factor=1.0)
     assert abs(info["k2_estimate"] - speakers) <= 0.3 * speakers, info
     assert info["k2_used"] == info["k2_estimate"] == len(np.unique(labels))
-    _, over = pseudo_labels(x, k1=min(6 * speakers, len(x) // 3), k2="auto", metric="cosine", k2_factor=2.0)
-    assert over["k2_used"] == round(2.0 * over["k2_estimate"])  # over-clustering by the factor
+    _, over = pseudo_labels(x, k1=min(6 * speakers, len(x) // 3), k2="auto", metric="cosine", k2_factor=1.5)
+    assert over["k2_used"] == round(1.5 * over["k2_estimate"])  # over-clustering by the factor
 
 
-def test_l_method_finds_the_knee_of_two_lines() -> None:
-    """On an evaluation graph made of a steep line then a flat one, the knee is where they meet."""
-    n = 200  # leaves: merge heights for 199 merges, listed in ascending order as linkage gives them
-    k = np.arange(2, n + 1)
-    heights = np.where(k <= 30, 100.0 - 3.0 * k, 10.0 - 0.01 * k)  # k clusters → k - 1
-    z = np.zeros((n - 1, 4))
-    z[:, 2] = heights[::-1]
-    assert abs(estimate_clusters(z) - 30) <= 2
+def test_silhouette_curve_matches_sklearn_on_the_points() -> None:
+    """Each point of the curve is the silhouette of the utterances under that Ward cut."""
+    x, _ = speakers_data(n_speakers=12, per_speaker=15, noise=0.3)
+    centroids, assignment = kmeans(x, 40, niter=10, seed=0, metric="euclidean")
+    z = linkage(centroids.astype(np.float64), method="ward")
+    curve = silhouette_curve(x, z, assignment, metric="euclidean")
+    assert [k for k, _ in curve][:3] == [2, 3, 4] and curve[-1][0] <= 20  # up to half the centroids
+    for k, value in curve[::4]:
+        groups = fcluster(z, t=k, criterion="maxclust")[assignment]
+        assert value == pytest.approx(silhouette_score(x, groups, metric="euclidean"), abs=1e-4)
+
+
+def test_estimate_is_the_interior_best_of_the_curve() -> None:
+    """A best silhouette at either end of the range is no count."""
+    rising = [(k, 0.1 + 0.01 * k) for k in range(2, 30)]
+    assert estimate_clusters(rising) is None
+    assert estimate_clusters([(k, 0.5 - 0.01 * k) for k in range(2, 30)]) is None
+    peaked = [(k, 0.3 - 0.001 * (k - 17) ** 2) for k in range(2, 30)]
+    assert estimate_clusters(peaked) == 17
+
+
+def test_k2_auto_without_a_count_falls_back_or_stops() -> None:
+    """Points spread evenly over the sphere have no speakers to count: k2_fallback, else an error naming k2."""
+    x = np.random.default_rng(0).standard_normal((600, 32)).astype(np.float32)
+    labels, info = pseudo_labels(x, k1=100, k2="auto", k2_fallback=30, metric="cosine")
+    assert info["k2_estimate"] is None and info["k2_used"] == 30 == len(np.unique(labels))
+    assert len(info["silhouette"]) > 10
+    with pytest.raises(ValueError, match="k2=auto.*cluster.k2_fallback"):
+        pseudo_labels(x, k1=100, k2="auto", metric="cosine")
 
 
 def test_split_counts_sum_to_k_within_each_cluster():

@@ -54,6 +54,15 @@ def test_run_clustering_in_ray_actor(tmp_path: Path, ray_session) -> None:
     assert info2["previous_utterances"] == len(utt_index[::2])
     assert info2["previous_nmi"] == pytest.approx(normalized_mutual_info_score(y[::2], labels2[::2]))
 
+    # k2: auto records the estimate beside the true count, and the silhouette curve it came from
+    auto = run_clustering(emb_dir, tmp_path / "c3", k1=90, k2="auto", k2_factor=1.5, k2_fallback=40,
+                          manifest=tmp_path / "manifest.parquet")
+    saved = json.loads((tmp_path / "c3" / "clusters.json").read_text())
+    assert saved == auto and auto["k2"] == "auto" and auto["num_speakers"] == 30
+    assert abs(auto["k2_estimate"] - 30) <= 9 and auto["k2_used"] == round(1.5 * auto["k2_estimate"])
+    best = max(auto["silhouette"], key=lambda point: point[1])
+    assert best[0] == auto["k2_estimate"]
+
 
 def test_run_clustering_errors_leave_no_marker(tmp_path: Path, ray_session) -> None:
     x, _ = speakers_data(n_speakers=3, per_speaker=5, dim=8)
