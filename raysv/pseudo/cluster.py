@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from raysv.config import ConfigError, check_choice, check_positive
+from raysv.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -495,9 +496,12 @@ def _finalise(raw: np.ndarray, min_cluster_size: int) -> np.ndarray:
     return mapping[inverse.reshape(-1)]
 
 
-def check_settings(n: int, k1: int, k2: int | None, min_cluster_size: int, niter: int) -> None:
+def check_settings(n: int, k1: int, k2: int | None, min_cluster_size: int, niter: int,
+                   k2_fallback: int | None = None) -> None:
     """Cheap checks of the clustering settings against ``n`` utterances, before any work."""
     _check_k(k1, n)
+    if k2_fallback is not None and not 1 <= k2_fallback < k1:
+        raise ValueError(f"k2_fallback={k2_fallback} must be between 1 and k1={k1} (excluded)")
     if k2 is not None:
         if not isinstance(k2, (int, np.integer)) or isinstance(k2, bool):
             raise ValueError(f"k2 must be an integer or None, got {k2!r}")
@@ -549,7 +553,7 @@ def pseudo_labels(
     0..C-1, largest first, ties by first row.
     """
     arr = _as_matrix(embeddings)
-    check_settings(arr.shape[0], k1, None if k2 == "auto" else k2, min_cluster_size, niter)
+    check_settings(arr.shape[0], k1, None if k2 == "auto" else k2, min_cluster_size, niter, k2_fallback)
     t0 = time.perf_counter()
     method = kmeans_method(arr.shape[0], k1, method)
     centroids, assignment = kmeans(arr, k1, niter=niter, seed=seed, use_gpu=use_gpu, metric=metric, method=method)
@@ -569,10 +573,10 @@ def pseudo_labels(
             curve = silhouette_curve(arr, z, assignment, metric, seed)
             estimate = estimate_clusters(curve)
             if estimate is None and k2_fallback is None:
-                raise ValueError(
+                raise InputError(
                     f"k2=auto: the silhouette of the Ward cuts is best at an end of k = {curve[0][0] if curve else 2}"
                     f"..{curve[-1][0] if curve else 2} ({len(centroids)} centroids): these embeddings show no count of "
-                    "speakers; set cluster.k2 to a number, or cluster.k2_fallback")
+                    "speakers; set k2 to a number or give k2_fallback (cluster.k2_fallback, raysv cluster --k2-fallback)")
             k2 = k2_fallback if estimate is None else int(min(max(round(k2_factor * estimate), 2), len(centroids) - 1))
             info.update({"k2_estimate": estimate, "k2_factor": float(k2_factor),
                          "silhouette": [[k, round(v, 4)] for k, v in curve]})

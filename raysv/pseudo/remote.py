@@ -17,6 +17,7 @@ import numpy as np
 from raysv.artifacts.embeddings import read_embeddings
 from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.labels import read_labels, write_labels
+from raysv.errors import InputError
 from raysv.pseudo.cluster import check_settings, estimate_note, import_faiss, pseudo_labels
 from raysv.pseudo.diagnostics import cluster_diagnostics, label_agreement, manifest_speakers_of
 from raysv.runtime import cluster_gpus, ensure_ray
@@ -86,7 +87,7 @@ def run_clustering(
     if marker.exists():
         marker.unlink()
     utt_index, x = read_embeddings(embeddings)
-    check_settings(len(utt_index), k1, None if k2 == "auto" else k2, min_cluster_size, niter)
+    check_settings(len(utt_index), k1, None if k2 == "auto" else k2, min_cluster_size, niter, k2_fallback)
     speakers = manifest_speakers_of(manifest, utt_index) if manifest is not None else None
 
     ensure_ray()
@@ -104,6 +105,10 @@ def run_clustering(
                 method, keep, k2_fallback,
             )
         )
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, InputError):  # the embeddings and settings, not the actor: say so in one line
+            raise err.cause from None
+        raise
     finally:
         ray.kill(actor)
 

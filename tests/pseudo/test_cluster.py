@@ -14,6 +14,7 @@ from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from raysv.artifacts.labels import num_classes
+from raysv.errors import InputError
 from raysv.pseudo.cluster import (
     _cut_first_merges,
     _openblas_coretype,
@@ -261,8 +262,10 @@ def test_k2_auto_without_a_count_falls_back_or_stops() -> None:
     labels, info = pseudo_labels(x, k1=100, k2="auto", k2_fallback=30, metric="cosine")
     assert info["k2_estimate"] is None and info["k2_used"] == 30 == len(np.unique(labels))
     assert len(info["silhouette"]) > 10
-    with pytest.raises(ValueError, match="k2=auto.*cluster.k2_fallback"):
+    with pytest.raises(InputError, match="k2=auto.*no count of speakers.*k2_fallback"):
         pseudo_labels(x, k1=100, k2="auto", metric="cosine")
+    with pytest.raises(ValueError, match="k2_fallback=100 must be between 1 and k1=100"):
+        pseudo_labels(x, k1=100, k2="auto", k2_fallback=100, metric="cosine")
 
 
 def test_split_counts_sum_to_k_within_each_cluster():

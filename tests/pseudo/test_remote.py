@@ -14,6 +14,7 @@ from test_cluster import speakers_data  # tests/pseudo/test_cluster.py
 
 from raysv.artifacts.embeddings import write_embeddings
 from raysv.artifacts.labels import read_labels, write_labels
+from raysv.errors import InputError
 from raysv.pseudo.remote import run_clustering
 
 
@@ -74,6 +75,11 @@ def test_run_clustering_errors_leave_no_marker(tmp_path: Path, ray_session) -> N
     assert not (out / "clusters.json").exists()
     with pytest.raises(ValueError, match="k1=16 is larger"):
         run_clustering(tmp_path / "e.parquet", out, k1=16)
+    noise = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    write_embeddings(tmp_path / "noise.parquet", np.arange(300), noise)
+    with pytest.raises(InputError, match="no count of speakers") as err:  # the cause alone: one line in the CLI
+        run_clustering(tmp_path / "noise.parquet", out, k1=60, k2="auto", metric="cosine")
+    assert type(err.value) is InputError and not (out / "clusters.json").exists()
     _write_manifest(tmp_path / "m.parquet", np.arange(10), ["a"] * 10)
     with pytest.raises(ValueError, match=r"m\.parquet lacks 5 utt_index"):
         run_clustering(tmp_path / "e.parquet", out, k1=3, manifest=tmp_path / "m.parquet")
