@@ -415,10 +415,11 @@ def silhouette_curve(
     from sklearn.metrics import silhouette_score
 
     n_centroids = z.shape[0] + 1
-    ks = sorted({int(round(2 * SILHOUETTE_STEP ** i)) for i in range(400)} & set(range(2, n_centroids // 2 + 1)))
-    pts = _normalised_rows(x) if metric == "cosine" else _as_matrix(x).astype(np.float32)
-    rows = np.random.default_rng(seed).permutation(len(pts))[:sample]
-    p = pts[rows]
+    ks = np.unique(np.round(2 * SILHOUETTE_STEP ** np.arange(400)).astype(np.int64))
+    ks = ks[ks <= n_centroids // 2]
+    arr = _as_matrix(x)
+    rows = np.random.default_rng(seed).permutation(len(arr))[:sample]
+    p = _normalised_rows(arr[rows]) if metric == "cosine" else arr[rows].astype(np.float32)
     if metric == "cosine":
         dist = np.clip(1.0 - p @ p.T, 0.0, None)
     else:
@@ -430,7 +431,7 @@ def silhouette_curve(
         groups = cut_linkage(z, k)[assignment[rows]]
         if len(np.unique(groups)) < 2:
             continue
-        curve.append((k, float(silhouette_score(dist, groups, metric="precomputed"))))
+        curve.append((int(k), float(silhouette_score(dist, groups, metric="precomputed"))))
     return curve
 
 
