@@ -85,3 +85,15 @@ def test_setting_added_after_a_stage_ran_is_no_change_at_its_default(tmp_path):
     with pytest.raises(ConfigChanged, match=r"round_0/cluster .*\n  cluster\.keep: None → 0\.5"):
         check_unchanged(halved, plan(halved), state)
     assert completed_stage_changes(cfg, cfg) == [] and completed_stage_changes(cfg, halved) == ["round_0/cluster"]
+
+
+def test_three_round_demo_counts_in_rounds_two_and_three_only():
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [], [str(ROOT / "configs" / "demo_3rounds.yaml")])
+    assert cfg.rounds.count == 3 and cfg.name == "demo-3rounds"
+    assert round_config(cfg, 1).cluster.k2 == 120
+    for r in (2, 3):
+        cluster = round_config(cfg, r).cluster
+        assert (cluster.k2, cluster.k2_factor, cluster.k2_fallback) == ("auto", 1.0, 120), r
+    tube = load_config(ROOT / "configs" / "demo.yaml", [],
+                       [str(ROOT / "configs" / "demo_tube.yaml"), str(ROOT / "configs" / "demo_3rounds.yaml")])
+    assert tube.rounds.count == 3 and "tube-data" in tube.data.shards
