@@ -48,6 +48,20 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+def local_system_config(num_cpus: int) -> dict[str, int]:
+    """Ray settings for a local cluster that runs one stage after another.
+
+    Worker processes may start as many at a time as there are logical CPUs (Ray's default, the
+    cores, warns whenever a stage starts its actors and trainers on a small machine). Idle worker
+    processes are kept up to three per logical CPU: by default Ray keeps one per logical CPU and
+    kills the rest, so the evaluation's tasks (started by the driver) and the training's (started
+    inside Ray Train, another runtime environment) evicted each other's, and every training stage
+    paid 8-9 s more in its first epoch starting its data workers again.
+    """
+    cpus = max(num_cpus, os.cpu_count() or 1)
+    return {"worker_maximum_startup_concurrency": cpus, "num_workers_soft_limit": 3 * cpus}
+
+
 def ensure_ray(cfg: RayConfig | None = None) -> None:
     """Connect to ``ray.address`` (or RAY_ADDRESS), else start a local cluster sized for the run.
 
@@ -73,10 +87,8 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     else:
         need = int(cfg.num_workers * cfg.cpus_per_worker) + (cfg.data_cpus or 2) + 1
         num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, need)
-        # Worker processes may start as many at a time as there are logical CPUs (Ray's default, the
-        # cores, warns whenever a stage starts its actors and trainers on a small machine).
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=loud,
-                 _system_config={"worker_maximum_startup_concurrency": max(num_cpus, os.cpu_count() or 1)})
+                 _system_config=local_system_config(num_cpus))
     quiet_data(loud)
     if not loud:
         divert_native_log_lines()

@@ -20,8 +20,10 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from raysv.runtime import local_system_config
+
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 _system_config={"worker_maximum_startup_concurrency": 8})  # as raysv's own local clusters
+                 _system_config=local_system_config(8))  # as raysv's own local clusters
     yield ray
     ray.shutdown()
 

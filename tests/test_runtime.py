@@ -35,3 +35,25 @@ def test_ray_noise_goes_to_the_log_and_the_rest_through(tmp_path):
     logged = log.read_text()
     assert "core_worker.cc:2465: Actor noise" in logged and "worker processes have been started" in logged
     assert "x.cc:1: split" in logged and "20 PYTHON worker processes" in logged
+
+
+def test_stages_find_their_worker_processes_again(ray_session):
+    """Idle workers of one runtime environment survive a stage of another (training's data tasks
+    against the driver's): Ray's default keeps one process per logical CPU and killed the rest."""
+    import os
+    import time
+
+    ray = ray_session
+
+    @ray.remote(num_cpus=1)
+    def pid() -> int:
+        time.sleep(0.5)
+        return os.getpid()
+
+    width = int(ray.cluster_resources()["CPU"])
+    first = set(ray.get([pid.remote() for _ in range(width)]))
+    other = pid.options(runtime_env={"env_vars": {"RAYSV_TEST_STAGE": "other"}})
+    assert not first & set(ray.get([other.remote() for _ in range(width)]))
+    time.sleep(3)  # Ray kills surplus idle workers after a second
+    again = set(ray.get([pid.remote() for _ in range(width)]))
+    assert len(again & first) >= min(len(first), len(again)) - 1, (first, again)
