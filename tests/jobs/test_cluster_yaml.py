@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
 import shutil
 import signal
@@ -333,3 +334,14 @@ def test_without_gpus_the_autoscaler_is_left_alone(fake_ray):
     with job.cluster(0):
         pass
     assert fake_ray.requests == []
+
+
+def test_every_node_keeps_idle_workers_for_the_next_stage(cfg):
+    """As raysv's local clusters (raysv.runtime.local_system_config): three idle workers per CPU."""
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cfg[key] if "ray start" in c)
+        export = re.search(r"export RAY_num_workers_soft_limit=[^;]+(?=;)", start)
+        assert export and start.index(export.group(0)) < start.index("ray start"), (key, start)
+        out = subprocess.run(["bash", "-c", f"{export.group(0)}; echo $RAY_num_workers_soft_limit"],
+                             capture_output=True, text=True, timeout=30)
+        assert int(out.stdout) == 3 * len(os.sched_getaffinity(0)), (key, out.stdout, out.stderr)
