@@ -53,10 +53,11 @@ def local_system_config(num_cpus: int) -> dict[str, int]:
 
     Worker processes may start as many at a time as there are logical CPUs (Ray's default, the
     cores, warns whenever a stage starts its actors and trainers on a small machine). Idle worker
-    processes are kept up to three per logical CPU: by default Ray keeps one per logical CPU and
-    kills the rest, so the evaluation's tasks (started by the driver) and the training's (started
-    inside Ray Train, another runtime environment) evicted each other's, and every training stage
-    paid 8-9 s more in its first epoch starting its data workers again.
+    processes are kept up to three per logical CPU. Ray's default keeps one per logical CPU and
+    kills the rest after a second; the evaluation's tasks (started by the driver) and the
+    training's (started inside Ray Train, another runtime environment) then evict each other's,
+    and every training stage waits about 10 s more for its first batch while its data workers
+    start again (``benchmarks/bench_stage_start.py``).
     """
     cpus = max(num_cpus, os.cpu_count() or 1)
     return {"worker_maximum_startup_concurrency": cpus, "num_workers_soft_limit": 3 * cpus}

@@ -1,7 +1,10 @@
-"""Ray's own lines on a driver's stdout and stderr stay out of the console; everything else passes through."""
+"""raysv's local Ray clusters: Ray's own lines on a driver's stdout and stderr stay out of the console (everything
+else passes through), and idle worker processes outlive a stage of another runtime environment."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,23 +40,34 @@ def test_ray_noise_goes_to_the_log_and_the_rest_through(tmp_path):
     assert "x.cc:1: split" in logged and "20 PYTHON worker processes" in logged
 
 
-def test_stages_find_their_worker_processes_again(ray_session):
+
+def test_stages_find_their_worker_processes_again():
     """Idle workers of one runtime environment survive a stage of another (training's data tasks
-    against the driver's): Ray's default keeps one process per logical CPU and killed the rest."""
-    import os
-    import time
+    against the driver's): Ray's default keeps one process per logical CPU and kills the rest.
+    A cluster of its own, started by raysv (the test session's holds the idle workers of every test)."""
+    script = textwrap.dedent("""
+        import json, os, time
+        import ray
+        from raysv.runtime import RayConfig, ensure_ray
 
-    ray = ray_session
+        ensure_ray(RayConfig(num_cpus=4))
 
-    @ray.remote(num_cpus=1)
-    def pid() -> int:
-        time.sleep(0.5)
-        return os.getpid()
+        @ray.remote(num_cpus=1)
+        def pid():
+            time.sleep(0.5)
+            return os.getpid()
 
-    width = int(ray.cluster_resources()["CPU"])
-    first = set(ray.get([pid.remote() for _ in range(width)]))
-    other = pid.options(runtime_env={"env_vars": {"RAYSV_TEST_STAGE": "other"}})
-    assert not first & set(ray.get([other.remote() for _ in range(width)]))
-    time.sleep(3)  # Ray kills surplus idle workers after a second
-    again = set(ray.get([pid.remote() for _ in range(width)]))
-    assert len(again & first) >= min(len(first), len(again)) - 1, (first, again)
+        first = set(ray.get([pid.remote() for _ in range(4)]))
+        other = pid.options(runtime_env={"env_vars": {"RAYSV_TEST_STAGE": "other"}})
+        second = set(ray.get([other.remote() for _ in range(4)]))
+        time.sleep(3)  # Ray kills surplus idle workers after a second
+        again = set(ray.get([pid.remote() for _ in range(4)]))
+        print(json.dumps({"first": sorted(first), "second": sorted(second), "again": sorted(again)}))
+    """)
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pids = {k: set(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+    assert not pids["first"] & pids["second"]
+    assert len(pids["again"] & pids["first"]) >= min(len(pids["first"]), len(pids["again"])) - 1, pids
