@@ -44,33 +44,30 @@ def _first_batch_wait(config: dict) -> dict:
 
 def one_setting(shards: str, raysv_settings: bool, storage: str) -> dict:
     """Train stage, driver-side pass, Train stage, in one fresh local cluster."""
-    import numpy as np
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from raysv.artifacts.shards import shard_utt_index
-    from raysv.data.pipelines import DataConfig, supervised_dataset
-    from raysv.runtime import local_system_config
+    from raysv.data.pipelines import DataConfig, label_table, supervised_dataset
+    from raysv.runtime import RayConfig, local_system_config
+    from raysv.train.trainer import _data_config
 
     num_cpus = 8
     system = local_system_config(num_cpus) if raysv_settings else {"worker_maximum_startup_concurrency": num_cpus}
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _system_config=system)
     data = DataConfig(shards=shards, mix_row_groups=32)
     utts = shard_utt_index(shards)
-    table = np.full(int(utts.max()) + 1, -1, dtype=np.int64)
-    table[utts] = utts % 40
+    table = label_table(utts, utts % 40)
 
     def stage(name: str) -> dict:
         out = os.path.join(storage, f"{name}.json")
-        options = ray.train.DataConfig.default_ingest_options()
-        options.resource_limits = options.resource_limits.copy(cpu=2.0)
         TorchTrainer(
             _first_batch_wait, train_loop_config={"epochs": 3, "out": out},
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
             run_config=ray.train.RunConfig(name=name, storage_path=storage),
             datasets={"train": supervised_dataset(data, table, 2.0, False)},
-            dataset_config=ray.train.DataConfig(execution_options=options),
+            dataset_config=_data_config(RayConfig(data_cpus=2)),  # as raysv's training stages
         ).fit()
         with open(out) as f:
             return json.load(f)
