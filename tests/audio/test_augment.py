@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from raysv.audio.augment import Augmenter, reverberate, synthetic_rir
+from raysv.audio.augment import SYNTHETIC_CLIPS, SYNTHETIC_SECONDS, Augmenter, reverberate, synthetic_rir
 
 SR = 16000
 
@@ -347,3 +347,26 @@ def test_telephone_probability_and_untouched_stream_when_off() -> None:
     with pytest.raises(ValueError, match="telephone_prob"):
         Augmenter(telephone_prob=-0.1)
     assert Augmenter.from_config({"telephone_prob": 0.25}).telephone_prob == 0.25
+
+
+def test_synthetic_noise_is_a_fixed_set_of_clips_in_every_process() -> None:
+    """Without MUSAN, noise is a random segment of one of a fixed set of synthetic clips per kind,
+    the same set in every process (an Augmenter unpickled in a Ray worker makes it again)."""
+    aug = Augmenter(noise_prob=1.0, reverb_prob=0.0, babble_speakers=(3, 4))
+    clone = pickle.loads(pickle.dumps(aug))
+    rng = np.random.default_rng(3)
+    for kind in ("noise", "music", "babble"):
+        clips = aug._synthetic_clips(kind)
+        assert len(clips) == SYNTHETIC_CLIPS and {c.size for c in clips} == {int(SYNTHETIC_SECONDS * SR)}
+        assert len({c.tobytes() for c in clips}) == SYNTHETIC_CLIPS  # all different
+        for mine, theirs in zip(clips, clone._synthetic_clips(kind)):
+            np.testing.assert_array_equal(mine, theirs)
+        for n in (SR, 2 * SR):
+            noise = aug.draw_noise(kind, n, rng)
+            assert noise.shape == (n,)
+            piece = noise.astype(np.float32)
+            starts = [(i, s) for i, c in enumerate(clips) for s in np.flatnonzero(c[: c.size - n + 1] == piece[0])]
+            assert [i for i, s in starts if np.array_equal(clips[i][s:s + n], piece)]  # a piece of one of the clips
+    # A crop longer than the clips still gets noise over its whole length.
+    long = aug.draw_noise("babble", int(SYNTHETIC_SECONDS * SR) + 5, rng)
+    assert long.shape == (int(SYNTHETIC_SECONDS * SR) + 5,) and np.std(long[-SR:]) > 0
