@@ -33,9 +33,13 @@ class RayConfig:
     storage: str | None = None  # Ray Train storage; default <runs>/<name>/ray
     max_failures: int = 0
     num_cpus: int | None = None  # logical CPUs of a local cluster started by raysv
+    # Training's forward passes: auto is bf16 autocast on GPUs and on CPUs with bf16
+    # instructions (AVX512-BF16, AMX), fp32 elsewhere; bf16 | fp32 force one. Embeddings are fp32 on CPU.
+    precision: str = "auto"
 
     def validate(self, prefix: str = "ray") -> None:
         check_choice(f"{prefix}.use_gpu", str(self.use_gpu).lower(), ("auto", "true", "false"))
+        check_choice(f"{prefix}.precision", self.precision, ("auto", "bf16", "fp32"))
         check_positive(f"{prefix}.num_workers", self.num_workers)
         check_positive(f"{prefix}.cpus_per_worker", self.cpus_per_worker)
 

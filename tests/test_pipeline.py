@@ -113,6 +113,7 @@ def test_console_shows_progress_not_ray_internals(one_round):
     assert len(lines) <= 80, "\n".join(lines)
     assert any(" toy: EER " in line for line in lines) and any(" dev: EER " in line for line in lines)
     assert any("supervised epoch 3/3" in line for line in lines)
+    assert any("supervised: 1 worker(s) on cpu" in line and line.endswith("(ray.precision auto)") for line in lines)
     assert any(line.startswith("EER round_1/lmft / reference/lmft = ") and "90 % interval" in line for line in lines)
     assert (cfg.run_dir / "run.log").is_file() and "=== round_1/finetune ===" in (cfg.run_dir / "run.log").read_text()
 

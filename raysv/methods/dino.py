@@ -249,7 +249,7 @@ class DinoMethod(Method):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         views = [batch["global"]] + ([batch["local"]] if "local" in batch else [])
-        with autocast(self.device):
+        with autocast(self.device, self.bf16):
             with torch.no_grad():
                 teacher_out, _ = self.teacher([batch["global"]])
             student_out, student_emb = self.student(views)

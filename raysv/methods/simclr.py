@@ -240,7 +240,7 @@ class SimclrMethod(Method):
             group["lr"] = base * factor
         views = batch["views"]
         b, v, samples = views.shape
-        with autocast(self.device):
+        with autocast(self.device, self.bf16):
             z = self.model(views.reshape(b * v, samples))
         z = gather_with_grad(z.float().reshape(b, v, -1))
         loss = nt_xent(z, s.temperature, s.margin)

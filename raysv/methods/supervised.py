@@ -327,7 +327,7 @@ class SupervisedMethod(Method):
         progress = self.epoch + self.step_in_epoch / self.steps_per_epoch
         margin = margin_at(progress, self.margin, self.warmup)
         self.optimizer.param_groups[0]["lr"] = self.backbone_lr(progress)
-        with autocast(self.device):
+        with autocast(self.device, self.bf16):
             losses, logits = self.model(batch["wave"], labels, margin)
         losses, logits = losses.float(), logits.float()
         self.cur_losses[idx] = losses.detach()
@@ -382,7 +382,7 @@ class SupervisedMethod(Method):
         """(class, confident) of clean crops: softmax of the raw logits (or cosines) over T, above the threshold."""
         lc = self.cfg.label_correction
         bare = unwrap(self.model)
-        with torch.no_grad(), autocast(self.device):
+        with torch.no_grad(), autocast(self.device, self.bf16):
             was_training = bare.training
             bare.eval()
             emb = bare.encoder(clean).float()

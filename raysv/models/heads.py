@@ -57,8 +57,11 @@ class DINOHead(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        x = self.mlp(x)
+        # The prototypes' logits in fp32 under bf16 autocast: bf16 would round them by up to
+        # 1/512, 0.05 of a logit after the teacher's temperature of 0.04.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.last_layer(F.normalize(x.float(), dim=-1, p=2))
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the last layer, whose gradients the trainer zeroes during epoch 1."""
@@ -96,8 +99,12 @@ class AAMSoftmax(nn.Module):
         nn.init.xavier_normal_(self.weight)
 
     def cosine(self, emb: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each embedding to each class weight, ``(B, C)``, no margin and no scale."""
-        return F.linear(F.normalize(emb, dim=-1), F.normalize(self.weight, dim=-1))
+        """Cosine similarity of each embedding to each class weight, ``(B, C)``, no margin and no scale.
+
+        Always fp32: bf16 autocast would round the cosines by up to 1/512, 0.06 of a logit at scale 30.
+        """
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            return F.linear(F.normalize(emb.float(), dim=-1), F.normalize(self.weight.float(), dim=-1))
 
     def margin_logits(self, emb: torch.Tensor, labels: torch.Tensor, margin: float | None = None) -> torch.Tensor:
         """Scaled logits with the angular margin applied to each sample's target class."""

@@ -24,7 +24,7 @@ import torch
 
 from raysv.artifacts.checkpoint import TRAINING_FILE, load_training_state, save_model, save_training_state
 from raysv.methods import build_method
-from raysv.methods.base import Method
+from raysv.methods.base import Method, use_bf16
 
 log = logging.getLogger("raysv.train")
 
@@ -201,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # (the worker process starts with one thread).
         torch.set_num_threads(max(1, int(settings["ray"]["cpus_per_worker"])))
     torch.manual_seed(settings["seed"] + rank)
+    method.bf16 = use_bf16(settings["ray"]["precision"], device)
     method.setup(device, ray.train.torch.prepare_model)
 
     start_epoch = 0
@@ -218,6 +219,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history = list(state.get("history", []))
         log.info("rank %d resumes at epoch %d", rank, start_epoch)
 
+    if rank == 0 and progress and start_epoch == 0:
+        with open(progress, "a") as f:
+            f.write(f"{method.name}: {world} worker(s) on {device.type}, {torch.get_num_threads()} torch threads each, "
+                    f"{'bf16 autocast' if method.bf16 else 'fp32'} (ray.precision {settings['ray']['precision']})\n")
     shard = ray.train.get_dataset_shard("train")
     per_worker = max(method.batch_size // world, 1)
     tracker = StageLogger.from_config(config.get("mlflow")) if rank == 0 else None
@@ -236,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dev = config.get("dev_eval")
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any], seen: np.ndarray) -> None:
-        metrics = {**metrics, "worker_pid": os.getpid(), "world_size": world}
+        metrics = {**metrics, "worker_pid": os.getpid(), "world_size": world, "bf16": int(method.bf16)}
         if dev and rank == 0:
             metrics["dev_eer"] = dev_eer(method.encoder(), dev, device)
         if record:

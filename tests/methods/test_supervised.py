@@ -151,10 +151,15 @@ class Corpus:
         return cosine.argmax(dim=-1).numpy()
 
 
-def train(corpus: Corpus, labels: np.ndarray, folder: Path) -> tuple[ToyMethod, dict]:
+def train(
+    corpus: Corpus, labels: np.ndarray, folder: Path, bf16: bool = False, on_setup=None
+) -> tuple[ToyMethod, dict]:
     write_labels(folder, np.arange(corpus.n), labels.astype(np.int32))
     method = ToyMethod(toy_config(), folder, corpus.stats)
+    method.bf16 = bf16
     method.setup(torch.device("cpu"), lambda m: m)
+    if on_setup is not None:
+        on_setup(method)
     log: dict = {"prev": [], "threshold": [], "metrics": [], "labels": [], "pred": []}
     log["initial"] = corpus.predict(method)
 
@@ -254,6 +259,22 @@ def test_true_labels_accuracy_rises(corpus, tmp_path):
     losses = [m["loss"] for m in log["metrics"][:GATE_EPOCH]]
     assert all(b < a for a, b in zip(losses, losses[1:]))
     # On clean labels the noisy-label tools leave the labels essentially as they are.
+    assert np.mean(method.labels.numpy() == corpus.true) >= 0.95
+
+
+def test_true_labels_learnt_under_bf16_autocast(corpus, tmp_path):
+    """``ray.precision`` bf16: the encoder's layers run in bf16, the AAM head's cosines and losses in fp32."""
+    dtypes: dict[str, set] = {"backbone": set(), "head": set()}
+
+    def record(method: ToyMethod) -> None:
+        model = method.model
+        model.encoder.backbone.register_forward_hook(lambda m, i, out: dtypes["backbone"].add(out.dtype))
+        model.classifier.register_forward_hook(lambda m, i, out: dtypes["head"].update(t.dtype for t in out))
+
+    method, log = train(corpus, corpus.true, tmp_path, bf16=True, on_setup=record)
+    assert dtypes == {"backbone": {torch.bfloat16, torch.float32}, "head": {torch.float32}}
+    accuracy = [np.mean(p == corpus.true) for p in log["pred"]]
+    assert accuracy[-1] >= 0.9
     assert np.mean(method.labels.numpy() == corpus.true) >= 0.95
 
 
