@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from raysv.artifacts.labels import write_labels
-from raysv.methods.base import cpu_has_bf16
 from raysv.methods.dino import DinoMethod
 from raysv.methods.supervised import SupervisedMethod
 from raysv.run_config import load_config
+from raysv.runtime import cpu_has_bf16
 
 SAMPLES = 32000  # the demo's 2 s crops
 

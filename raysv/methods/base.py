@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -39,7 +38,7 @@ class Method:
     name: str = "method"
     config_class: type = object
     custom_batches = False  # True: the loop streams rows and the method's ``rebatch`` forms the batches
-    bf16 = False  # set by the loop (``ray.precision``): forward passes under bf16 autocast
+    bf16 = False  # set by the loop (``raysv.runtime.use_bf16``): forward passes under bf16 autocast
     epochs: int = 1
     batch_size: int = 1
 
@@ -101,28 +100,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         torch.distributed.all_reduce(tensor)
     return tensor
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU computes in bf16 natively (AVX512-BF16 or AMX): bf16 autocast is faster
-    there (1.6 × an ECAPA step on 2 cores) and much slower on CPUs that only emulate it."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """``ray.precision``: auto takes bf16 on GPUs and on CPUs with bf16 instructions, fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
 
 
 def autocast(device: torch.device, enabled: bool):

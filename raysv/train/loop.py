@@ -24,7 +24,8 @@ import torch
 
 from raysv.artifacts.checkpoint import TRAINING_FILE, load_training_state, save_model, save_training_state
 from raysv.methods import build_method
-from raysv.methods.base import Method, use_bf16
+from raysv.methods.base import Method
+from raysv.runtime import use_bf16
 
 log = logging.getLogger("raysv.train")
 
@@ -201,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # (the worker process starts with one thread).
         torch.set_num_threads(max(1, int(settings["ray"]["cpus_per_worker"])))
     torch.manual_seed(settings["seed"] + rank)
-    method.bf16 = use_bf16(settings["ray"]["precision"], device)
+    method.bf16 = use_bf16(settings["ray"]["precision"], device.type)
     method.setup(device, ray.train.torch.prepare_model)
 
     start_epoch = 0

@@ -6,27 +6,26 @@ import numpy as np
 import pytest
 import torch
 
+from raysv import runtime
 from raysv.config import ConfigError
-from raysv.methods import base
-from raysv.methods.base import use_bf16
 from raysv.models.heads import AAMSoftmax, DINOHead
-from raysv.runtime import RayConfig
+from raysv.runtime import RayConfig, use_bf16
 
 
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_auto_takes_bf16_on_gpus_and_on_cpus_with_bf16_instructions(monkeypatch, has_bf16):
-    monkeypatch.setattr(base, "cpu_has_bf16", lambda: has_bf16)
-    assert use_bf16("auto", torch.device("cpu")) is has_bf16
-    assert use_bf16("auto", torch.device("cuda")) is True
-    assert use_bf16("fp32", torch.device("cuda")) is False
-    assert use_bf16("bf16", torch.device("cpu")) is True
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    assert use_bf16("auto", "cpu") is has_bf16
+    assert use_bf16("auto", "cuda") is True
+    assert use_bf16("fp32", "cuda") is False
+    assert use_bf16("bf16", "cpu") is True
 
 
 def test_a_bad_precision_is_named():
     with pytest.raises(ConfigError, match=r"ray\.precision.*'fp16'"):
         RayConfig(precision="fp16").validate()
     with pytest.raises(ValueError, match="'half'"):
-        use_bf16("half", torch.device("cpu"))
+        use_bf16("half", "cpu")
 
 
 def test_heads_score_in_fp32_under_bf16_autocast():
