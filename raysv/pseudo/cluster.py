@@ -32,8 +32,8 @@ class ClusterConfig:
     """``cluster``: k-means into ``k1`` groups, then Ward clustering of the centroids into ``k2``."""
 
     k1: int = 50000
-    # a number, auto (the Ward cut of best silhouette: a count only where the embeddings
-    # show one, see docs/toy-corpora.md), or null (k-means clusters as they are)
+    # a number, auto (the Ward cut of best silhouette, 10 groups or more: a count only where the
+    # embeddings show one, see docs/toy-corpora.md), or null (k-means clusters as they are)
     k2: int | str | None = 7500
     k2_factor: float = 1.0  # with k2: auto, over-cluster: this many groups per estimated speaker
     k2_fallback: int | None = None  # with k2: auto, the groups where no count shows (null: stop with an error)
@@ -435,17 +435,35 @@ def silhouette_curve(
     return curve
 
 
-def estimate_clusters(curve: list[tuple[int, float]]) -> int | None:
-    """The k of best mean silhouette, or None where the best lies at either end of the range.
+SPEAKERS_MIN = 10
+"""``k2: auto`` counts ten speakers or more. Below that the silhouette often peaks at a handful of
+coarse groups that are not speakers (2-6 on the toy corpora's embeddings: sexes, channels)."""
+PEAK_PROMINENCE = 0.05
+"""A count is a peak of the silhouette curve that stands out: its silhouette at least this much above
+the lowest on each side of it. On round-1 and round-2 embeddings the formant voices' speakers stand out
+by 0.07-0.25; on the tube voices, whose embeddings hold no speaker count, the best cuts by 0.04 at most
+(docs/toy-corpora.md)."""
 
-    A maximum at the first or last k scored means the silhouette keeps rising past the range:
-    the embeddings show no count in it (on the tube voices' embeddings it peaks at 2 groups or
-    rises to the end, see docs/toy-corpora.md), and a number there would be a guess.
+
+def estimate_clusters(
+    curve: list[tuple[int, float]], min_k: int = SPEAKERS_MIN, prominence: float = PEAK_PROMINENCE
+) -> int | None:
+    """The k of best mean silhouette among the cuts into ``min_k`` groups or more, or None where it
+    shows no count.
+
+    No count: the best lies at either end of that range (the silhouette keeps rising past it), or it
+    stands less than ``prominence`` above the lowest silhouette on either side of it (a bump in a flat
+    curve). A number there would be a guess; the caller falls back to ``k2_fallback``.
     """
-    if len(curve) < 3:
+    scored = [(k, v) for k, v in curve if k >= min_k]
+    if len(scored) < 3:
         return None
-    best = max(range(len(curve)), key=lambda i: curve[i][1])
-    return None if best in (0, len(curve) - 1) else int(curve[best][0])
+    best = max(range(len(scored)), key=lambda i: scored[i][1])
+    if best in (0, len(scored) - 1):
+        return None
+    value = scored[best][1]
+    stands_out = min(value - min(v for _, v in scored[:best]), value - min(v for _, v in scored[best + 1:]))
+    return int(scored[best][0]) if stands_out >= prominence else None
 
 
 def confident_rows(x: np.ndarray, groups: np.ndarray, keep: float, metric: str = "cosine") -> np.ndarray:
@@ -575,8 +593,8 @@ def pseudo_labels(
             estimate = estimate_clusters(curve)
             if estimate is None and k2_fallback is None:
                 raise InputError(
-                    f"k2=auto: the silhouette of the Ward cuts is best at an end of k = {curve[0][0] if curve else 2}"
-                    f"..{curve[-1][0] if curve else 2} ({len(centroids)} centroids): these embeddings show no count of "
+                    f"k2=auto: the silhouette of the Ward cuts into {SPEAKERS_MIN}..{curve[-1][0] if curve else 2} groups "
+                    f"({len(centroids)} centroids) has no peak that stands out: these embeddings show no count of "
                     "speakers; set k2 to a number or give k2_fallback (cluster.k2_fallback, raysv cluster --k2-fallback)")
             k2 = k2_fallback if estimate is None else int(min(max(round(k2_factor * estimate), 2), len(centroids) - 1))
             info.update({"k2_estimate": estimate, "k2_factor": float(k2_factor),

@@ -248,13 +248,23 @@ def test_silhouette_curve_matches_sklearn_on_the_points() -> None:
         assert value == pytest.approx(silhouette_score(x, groups, metric="euclidean"), abs=1e-4)
 
 
-def test_estimate_is_the_interior_best_of_the_curve() -> None:
-    """A best silhouette at either end of the range is no count."""
+def test_estimate_is_a_peak_that_stands_out_among_ten_groups_or_more() -> None:
+    """A best silhouette at either end of the range, below ten groups, or barely above the rest of the curve is no count."""
     rising = [(k, 0.1 + 0.01 * k) for k in range(2, 30)]
     assert estimate_clusters(rising) is None
     assert estimate_clusters([(k, 0.5 - 0.01 * k) for k in range(2, 30)]) is None
-    peaked = [(k, 0.3 - 0.001 * (k - 17) ** 2) for k in range(2, 30)]
+    peaked = [(k, 0.3 - 0.002 * (k - 17) ** 2) for k in range(2, 30)]
     assert estimate_clusters(peaked) == 17
+    assert estimate_clusters(peaked, prominence=0.1) is None  # 0.098 above the cut into 10 groups
+    assert estimate_clusters([(k, 0.4 - 0.002 * (k - 6) ** 2) for k in range(2, 30)]) is None  # a peak at 6 groups
+    bump = [(k, 0.2 + (0.03 if k == 20 else 0.0)) for k in range(2, 60)]
+    assert estimate_clusters(bump) is None and estimate_clusters(bump, prominence=0.02) == 20
+    # Two real curves (round-1 embeddings of the toy corpora, from clusters.json): the tube voices'
+    # (80 speakers) is best at 3 groups and flat beyond; the formant voices' (40) peaks at 43.
+    tube = [(2, 0.2214), (3, 0.2682), (4, 0.2366), (5, 0.2601), (6, 0.2665), (7, 0.2404), (8, 0.2436), (9, 0.2397), (10, 0.2217), (11, 0.2185), (12, 0.2207), (13, 0.2127), (14, 0.2031), (15, 0.2019), (16, 0.1994), (17, 0.1986), (19, 0.198), (20, 0.2037), (22, 0.1897), (23, 0.1917), (25, 0.2016), (27, 0.203), (30, 0.2039), (32, 0.2049), (34, 0.2067), (37, 0.2071), (40, 0.2013), (43, 0.2079), (47, 0.2064), (51, 0.2088), (55, 0.1995), (59, 0.2045), (64, 0.2029), (69, 0.2054), (74, 0.2041), (80, 0.2016), (87, 0.2063), (94, 0.2088), (101, 0.2111), (109, 0.2159), (118, 0.2156), (128, 0.2062), (138, 0.2059), (149, 0.208)]
+    formant = [(2, 0.2462), (3, 0.2147), (4, 0.2171), (5, 0.1928), (6, 0.1975), (7, 0.1941), (8, 0.2147), (9, 0.2094), (10, 0.2233), (11, 0.2314), (12, 0.235), (13, 0.2412), (14, 0.2473), (15, 0.2454), (16, 0.2586), (17, 0.2682), (19, 0.2804), (20, 0.2865), (22, 0.2977), (23, 0.2965), (25, 0.3063), (27, 0.3051), (30, 0.3105), (32, 0.3057), (34, 0.3127), (37, 0.3152), (40, 0.3177), (43, 0.3202), (47, 0.3154), (51, 0.3145), (55, 0.3113), (59, 0.3044), (64, 0.2975), (69, 0.2908), (74, 0.2854), (80, 0.267), (87, 0.2499), (94, 0.2455), (101, 0.2307), (109, 0.2206), (118, 0.2021), (128, 0.1896), (138, 0.1784), (149, 0.1723)]
+    assert estimate_clusters(tube) is None and estimate_clusters(tube, min_k=2, prominence=0.0) == 3  # the rule before
+    assert estimate_clusters(formant) == 43
 
 
 def test_k2_auto_without_a_count_falls_back_or_stops() -> None:
