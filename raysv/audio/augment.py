@@ -397,9 +397,6 @@ class Augmenter:
         """``n`` samples of noise of ``kind`` ("noise", "music" or "babble"), before SNR scaling."""
         if kind not in NOISE_KINDS:
             raise ValueError(f"unknown noise kind {kind!r}; expected one of {NOISE_KINDS}")
-        speakers = 0
-        if kind == "babble":
-            speakers = int(rng.integers(self.babble_speakers[0], self.babble_speakers[1] + 1))
         if not self.musan:
             return fit_length(self._synthetic_clips(kind)[int(rng.integers(SYNTHETIC_CLIPS))], n, rng).astype(np.float64)
         files = self.noise_files.get(kind, [])
@@ -408,6 +405,7 @@ class Augmenter:
         if kind != "babble":
             clip = self._load_random(files, f"{self.musan}/{KIND_FOLDERS[kind]}", rng)
             return fit_length(clip, n, rng).astype(np.float64)
+        speakers = int(rng.integers(self.babble_speakers[0], self.babble_speakers[1] + 1))
         out = np.zeros(n)
         for _ in range(speakers):
             clip = self._load_random(files, f"{self.musan}/speech", rng)
