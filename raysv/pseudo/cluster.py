@@ -407,8 +407,8 @@ def silhouette_curve(
 ) -> list[tuple[int, float]]:
     """Mean silhouette of the utterances for Ward cuts of the centroids' linkage ``z`` into k groups.
 
-    k runs geometrically from 2 to half the number of centroids (a cut into more groups
-    than that leaves most groups a single k-means cluster). The silhouette compares each
+    k runs geometrically from 2 to the number of centroids, so that the curve falls past a
+    count that is a large share of them. The silhouette compares each
     utterance's mean distance to its own group with that to the nearest other group
     (Rousseeuw 1987), on ``sample`` utterances drawn once for every cut.
     """
@@ -416,7 +416,7 @@ def silhouette_curve(
 
     n_centroids = z.shape[0] + 1
     ks = np.unique(np.round(2 * SILHOUETTE_STEP ** np.arange(400)).astype(np.int64))
-    ks = ks[ks <= n_centroids // 2]
+    ks = ks[ks <= n_centroids]
     arr = _as_matrix(x)
     rows = np.random.default_rng(seed).permutation(len(arr))[:sample]
     p = _normalised_rows(arr[rows]) if metric == "cosine" else arr[rows].astype(np.float32)

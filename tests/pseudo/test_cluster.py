@@ -236,13 +236,26 @@ def test_k2_auto_estimates_the_number_of_speakers(speakers: int) -> None:
         assert over["k2_used"] == round(1.5 * over["k2_estimate"])
 
 
+def test_k2_auto_counts_speakers_who_fill_half_the_centroids() -> None:
+    """80 overlapping speakers of 10-20 utterances, 4 k-means clusters each (a corpus' size over k1 of
+    the demo): the silhouette falls only slowly past the count, so it shows as a count only where the
+    curve runs on past twice the speakers, up to the number of centroids."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(10, 20, 80)
+    x = np.repeat(rng.standard_normal((80, 64)), sizes, axis=0) + rng.standard_normal((sizes.sum(), 64)) * 1.5
+    _, info = pseudo_labels(x, k1=320, k2="auto", metric="cosine")
+    assert abs(info["k2_estimate"] - 80) <= 0.3 * 80, info
+    assert info["silhouette"][-1][0] > 160
+    assert estimate_clusters([(k, v) for k, v in info["silhouette"] if k <= 160]) is None  # the range before
+
+
 def test_silhouette_curve_matches_sklearn_on_the_points() -> None:
     """Each point of the curve is the silhouette of the utterances under that Ward cut."""
     x, _ = speakers_data(n_speakers=12, per_speaker=15, noise=0.3)
     centroids, assignment = kmeans(x, 40, niter=10, seed=0, metric="euclidean")
     z = linkage(centroids.astype(np.float64), method="ward")
     curve = silhouette_curve(x, z, assignment, metric="euclidean")
-    assert [k for k, _ in curve][:3] == [2, 3, 4] and curve[-1][0] <= 20  # up to half the centroids
+    assert [k for k, _ in curve][:3] == [2, 3, 4] and 20 < curve[-1][0] <= 40  # up to the centroids
     for k, value in curve[::4]:
         groups = fcluster(z, t=k, criterion="maxclust")[assignment]
         assert value == pytest.approx(silhouette_score(x, groups, metric="euclidean"), abs=1e-4)
