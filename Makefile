@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: demo demo-tube test venv clean
+.PHONY: demo demo-tube demo-formant80 test venv clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,16 @@ demo-tube: $(STAMP)
 	$(BIN)/raysv prepare --audio-root $(TUBE)/train/wav --out $(TUBE)/train_shards
 	$(BIN)/raysv evaluate --embedder fbank-mean --trials $(TUBE)/test/trials.txt --audio-root $(TUBE)/test/wav --json $(TUBE)/baseline.json
 	$(BIN)/raysv run --config configs/demo.yaml --merge configs/demo_tube.yaml
+
+# The formant voices with twice the speakers and half the utterances each (80 x 15; a check, not the contract).
+F80 := runs/formant80-data
+demo-formant80: $(STAMP)
+	test -f $(F80)/train/meta.csv || $(BIN)/raysv synth --out $(F80)/train --speakers 80 --sessions 3 --utterances 5 --trials 0 --seed 11 --jobs 2
+	test -f $(F80)/test/trials.txt || $(BIN)/raysv synth --out $(F80)/test --speakers 24 --sessions 3 --utterances 8 --speaker-offset 3000 --trials 4000 --seed 11 --jobs 2
+	test -f $(F80)/dev/trials.txt || $(BIN)/raysv synth --out $(F80)/dev --speakers 10 --sessions 3 --utterances 4 --speaker-offset 4000 --trials 1000 --seed 11 --jobs 2
+	$(BIN)/raysv prepare --audio-root $(F80)/train/wav --out $(F80)/train_shards
+	$(BIN)/raysv evaluate --embedder fbank-mean --trials $(F80)/test/trials.txt --audio-root $(F80)/test/wav --json $(F80)/baseline.json
+	$(BIN)/raysv run --config configs/demo.yaml --merge configs/demo_formant80.yaml
 
 clean:
 	rm -rf runs
