@@ -237,7 +237,7 @@ def test_k2_auto_estimates_the_number_of_speakers(speakers: int) -> None:
 
 
 def test_k2_auto_counts_speakers_who_fill_half_the_centroids() -> None:
-    """80 overlapping speakers of 10-20 utterances, 4 k-means clusters each (a corpus' size over k1 of
+    """80 overlapping speakers of 10-19 utterances, 4 k-means clusters each (a corpus' size over k1 of
     the demo): the silhouette falls only slowly past the count, so it shows as a count only where the
     curve runs on past twice the speakers, up to the number of centroids."""
     rng = np.random.default_rng(0)
