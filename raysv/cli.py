@@ -306,6 +306,15 @@ def _k2(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
+def _k1(text: str) -> int | None:
+    if text in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysv",
@@ -395,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cluster", help="pseudo-labels: k-means (faiss) → Ward AHC of the centroids")
     p.add_argument("--embeddings", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--k1", type=int, required=True)
+    p.add_argument("--k1", type=_k1, required=True,
+                   help="k-means centroids, or none: Ward of the utterances themselves (corpora up to 50,000 utterances)")
     p.add_argument("--k2", type=_k2, default=None,
                    help="a number, or auto: the Ward cut of best silhouette, a count only where the embeddings "
                    "show one (docs/toy-corpora.md)")

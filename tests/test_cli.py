@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from raysv.artifacts.labels import num_classes, read_labels
+from raysv.cli import build_parser
 
 
 def test_labels_command_writes_true_speakers(toy, tmp_path: Path) -> None:
@@ -21,3 +23,13 @@ def test_labels_command_writes_true_speakers(toy, tmp_path: Path) -> None:
     for u, lab in zip(utt, labels):  # one label per speaker, the same for all its utterances
         assert (labels[[by_utt[int(v)] == by_utt[int(u)] for v in utt]] == lab).all()
     assert num_classes(labels) == len(set(by_utt.values())) and "6 speakers" in out
+
+
+def test_cluster_k1_takes_a_number_or_none(capsys) -> None:
+    """``--k1 none``: Ward of the utterances themselves; anything else but a number is a usage error naming it."""
+    base = ["cluster", "--embeddings", "e", "--out", "o", "--k1"]
+    assert build_parser().parse_args([*base, "none"]).k1 is None
+    assert build_parser().parse_args([*base, "320"]).k1 == 320
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([*base, "many"])
+    assert done.value.code == 2 and "--k1: expected a number or none, got 'many'" in capsys.readouterr().err

@@ -46,6 +46,9 @@ def test_cross_key_checks():
         load_config(None, ["cluster.k1=10", "cluster.k2=10"])
     with pytest.raises(ConfigError, match=r"cluster\.k2_fallback \(10\) must be smaller than cluster\.k1 \(10\)"):
         load_config(None, ["cluster.k1=10", "cluster.k2=auto", "cluster.k2_fallback=10"])
+    with pytest.raises(ConfigError, match=r"cluster\.k1 and cluster\.k2 are both null"):
+        load_config(None, ["cluster.k1=null", "cluster.k2=null"])
+    assert load_config(None, ["cluster.k1=null", "cluster.k2=auto", "cluster.k2_fallback=10000"]).cluster.k1 is None
     with pytest.raises(ConfigError, match="ray.use_gpu"):
         load_config(None, ["ray.use_gpu=maybe"])
     with pytest.raises(ConfigError, match=r"dino\.diversity\.covariance: must be >= 0, got -0\.1"):

@@ -6,6 +6,10 @@ which raises NMI over k-means straight into k2 (reference: 0.955 vs 0.930).
 k-means runs in faiss (GPU when present); Ward runs in fastcluster's
 ``linkage_vector``, which needs O(k1 * D) memory instead of the O(k1^2)
 distance matrix of a dense linkage (50,000 centroids: ~100 MB instead of ~10 GB).
+``k1: null`` skips k-means and runs Ward on the utterances themselves, which a corpus
+of up to :data:`WARD_UTTERANCES_MAX` utterances affords: each k-means centroid weighs
+as one point in the Ward of the centroids, whatever its size, and on corpora of about
+a thousand utterances that costs the labels a tenth of their purity (docs/toy-corpora.md).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ log = logging.getLogger(__name__)
 class ClusterConfig:
     """``cluster``: k-means into ``k1`` groups, then Ward clustering of the centroids into ``k2``."""
 
-    k1: int = 50000
+    k1: int | None = 50000  # null: no k-means, Ward of the utterances themselves (up to WARD_UTTERANCES_MAX)
     # a number, auto (the Ward cut of best silhouette, 10 groups or more: a count only where the
     # embeddings show one, see docs/toy-corpora.md), or null (k-means clusters as they are)
     k2: int | str | None = 7500
@@ -52,15 +56,23 @@ class ClusterConfig:
         check_positive(f"{prefix}.k1", self.k1)
         check_positive(f"{prefix}.k2_factor", self.k2_factor)
         check_positive(f"{prefix}.k2_fallback", self.k2_fallback)
+        if self.k1 is None:  # Ward of the utterances: k2 is checked against their number when clustering
+            if self.k2 is None:
+                raise ConfigError(f"{prefix}.k1 and {prefix}.k2 are both null: every utterance would be its own class; "
+                                  f"set k2 (a number or auto)")
+            return self._validate_k2(prefix)
         if self.k2_fallback is not None and self.k2_fallback >= self.k1:
             raise ConfigError(f"{prefix}.k2_fallback ({self.k2_fallback}) must be smaller than {prefix}.k1 ({self.k1})")
+        self._validate_k2(prefix)
+        if isinstance(self.k2, int) and self.k2 >= self.k1:
+            raise ConfigError(f"{prefix}.k2 ({self.k2}) must be smaller than {prefix}.k1 ({self.k1})")
+
+    def _validate_k2(self, prefix: str) -> None:
         if isinstance(self.k2, str):
             if self.k2 != "auto":
                 raise ConfigError(f"{prefix}.k2: a number, auto or null, got {self.k2!r}")
             return
         check_positive(f"{prefix}.k2", self.k2)
-        if self.k2 is not None and self.k2 >= self.k1:
-            raise ConfigError(f"{prefix}.k2 ({self.k2}) must be smaller than {prefix}.k1 ({self.k1})")
 
 # faiss trains k-means on at most ``k * max_points_per_centroid`` points and
 # silently subsamples the rest (its default, 256 per centroid, would train on
@@ -181,7 +193,19 @@ def _resolve_gpu(use_gpu: bool | None) -> bool:
     return available > 0 and use_gpu is not False
 
 
-def _check_k(k1: int, n: int) -> None:
+WARD_UTTERANCES_MAX = 50_000
+"""``k1: null`` (Ward of the utterances themselves) up to this many utterances: fastcluster's exact
+Ward takes O(N^2 D) time in one thread, 13 minutes for 50,000 x 256 (the README's Performance
+section); beyond, k-means first (set k1)."""
+
+
+def _check_k(k1: int | None, n: int) -> None:
+    if k1 is None:
+        if n > WARD_UTTERANCES_MAX:
+            raise InputError(f"k1=null (Ward of the utterances themselves) takes time in the square of their number: "
+                             f"{n} utterances is more than {WARD_UTTERANCES_MAX}; set k1 (k-means first), e.g. "
+                             f"k1={max(2, n // 20)}")
+        return
     if not isinstance(k1, (int, np.integer)) or isinstance(k1, bool):
         raise ValueError(f"k1 must be an integer, got {k1!r}")
     if k1 < 1:
@@ -399,6 +423,10 @@ SILHOUETTE_SAMPLE = 10_000
 """``k2: auto`` scores the Ward cuts on at most this many utterances (a random sample): the
 silhouette needs their pairwise distances (10,000: 400 MB, about a second per cut)."""
 SILHOUETTE_STEP = 1.08  # the cuts scored: k = 2, then about 8 % more groups each
+COUNT_UTTERANCES_MIN = 4
+"""The cuts scored leave this many utterances per group on average, at least: a cut into groups of
+two or three near-duplicate utterances has a high silhouette that counts no speakers (with ``k1:
+null`` the Ward cuts of 1,200 utterances peak at 240-470 groups of 80 speakers)."""
 
 
 def silhouette_curve(
@@ -408,16 +436,17 @@ def silhouette_curve(
     """Mean silhouette of the utterances for Ward cuts of the centroids' linkage ``z`` into k groups.
 
     k runs geometrically from 2 to the number of centroids, so that the curve falls past a
-    count that is a large share of them. The silhouette compares each
+    count that is a large share of them, and to :data:`COUNT_UTTERANCES_MIN` utterances per
+    group at most. The silhouette compares each
     utterance's mean distance to its own group with that to the nearest other group
     (Rousseeuw 1987), on ``sample`` utterances drawn once for every cut.
     """
     from sklearn.metrics import silhouette_score
 
     n_centroids = z.shape[0] + 1
-    ks = np.unique(np.round(2 * SILHOUETTE_STEP ** np.arange(400)).astype(np.int64))
-    ks = ks[ks <= n_centroids]
     arr = _as_matrix(x)
+    ks = np.unique(np.round(2 * SILHOUETTE_STEP ** np.arange(400)).astype(np.int64))
+    ks = ks[ks <= min(n_centroids, len(arr) // COUNT_UTTERANCES_MIN)]
     rows = np.random.default_rng(seed).permutation(len(arr))[:sample]
     p = _normalised_rows(arr[rows]) if metric == "cosine" else arr[rows].astype(np.float32)
     if metric == "cosine":
@@ -515,10 +544,16 @@ def _finalise(raw: np.ndarray, min_cluster_size: int) -> np.ndarray:
     return mapping[inverse.reshape(-1)]
 
 
-def check_settings(n: int, k1: int, k2: int | None, min_cluster_size: int, niter: int,
+def check_settings(n: int, k1: int | None, k2: int | None, min_cluster_size: int, niter: int,
                    k2_fallback: int | None = None) -> None:
     """Cheap checks of the clustering settings against ``n`` utterances, before any work."""
     _check_k(k1, n)
+    if k1 is None:  # Ward of the utterances: the groups to merge are the n utterances
+        for name, value in (("k2", k2), ("k2_fallback", k2_fallback)):
+            if value is not None and not 1 <= value < n:
+                raise InputError(f"{name}={value}: with k1=null Ward merges the {n} utterances themselves; "
+                                 f"{name} must be between 1 and {n} (excluded)")
+        k1 = n
     if k2_fallback is not None and not 1 <= k2_fallback < k1:
         raise ValueError(f"k2_fallback={k2_fallback} must be between 1 and k1={k1} (excluded)")
     if k2 is not None:
@@ -548,7 +583,7 @@ def estimate_note(info: dict[str, Any]) -> str:
 
 def pseudo_labels(
     embeddings: np.ndarray,
-    k1: int,
+    k1: int | None,
     k2: int | str | None = None,
     min_cluster_size: int = 0,
     niter: int = 20,
@@ -563,7 +598,8 @@ def pseudo_labels(
     """Pseudo-labels (N,) int32 for the rows of ``embeddings``, and how they were made.
 
     k-means into k1, then Ward of the centroids into k2; every utterance takes its
-    centroid's group (k2=None keeps the k-means clusters). ``k2="auto"``: the number of
+    centroid's group (k2=None keeps the k-means clusters). ``k1=None``: no k-means, Ward of
+    the utterances themselves (unit rows for ``cosine``), :data:`WARD_UTTERANCES_MAX` at most. ``k2="auto"``: the number of
     groups is the Ward cut of best silhouette (:func:`estimate_clusters`) times ``k2_factor``
     (over-clustering), or ``k2_fallback`` where the silhouette shows no count. ``keep`` < 1
     labels only that fraction of the utterances, those whose group is clearest
@@ -572,10 +608,17 @@ def pseudo_labels(
     0..C-1, largest first, ties by first row.
     """
     arr = _as_matrix(embeddings)
+    if k1 is None and k2 is None:
+        raise InputError("k1=None and k2=None: every utterance would be its own class; set k2 (a number or auto)")
     check_settings(arr.shape[0], k1, None if k2 == "auto" else k2, min_cluster_size, niter, k2_fallback)
     t0 = time.perf_counter()
-    method = kmeans_method(arr.shape[0], k1, method)
-    centroids, assignment = kmeans(arr, k1, niter=niter, seed=seed, use_gpu=use_gpu, metric=metric, method=method)
+    if k1 is None:
+        method = "none"
+        centroids = _normalised_rows(arr) if metric == "cosine" else _finite_rows(arr)
+        assignment = np.arange(len(arr), dtype=np.int64)
+    else:
+        method = kmeans_method(arr.shape[0], k1, method)
+        centroids, assignment = kmeans(arr, k1, niter=niter, seed=seed, use_gpu=use_gpu, metric=metric, method=method)
     t1 = time.perf_counter()
     info: dict[str, Any] = {"kmeans": method, "kmeans_seconds": round(t1 - t0, 3)}
     centroids, assignment, empty = drop_empty(centroids, assignment)
@@ -594,7 +637,7 @@ def pseudo_labels(
             if estimate is None and k2_fallback is None:
                 raise InputError(
                     f"k2=auto: the silhouette of the Ward cuts into {SPEAKERS_MIN}..{curve[-1][0] if curve else 2} groups "
-                    f"({len(centroids)} centroids) has no peak that stands out: these embeddings show no count of "
+                    f"({len(centroids)} {'utterances' if k1 is None else 'centroids'}) has no peak that stands out: these embeddings show no count of "
                     "speakers; set k2 to a number or give k2_fallback (cluster.k2_fallback, raysv cluster --k2-fallback)")
             k2 = k2_fallback if estimate is None else int(min(max(round(k2_factor * estimate), 2), len(centroids) - 1))
             info.update({"k2_estimate": estimate, "k2_factor": float(k2_factor),
@@ -606,7 +649,7 @@ def pseudo_labels(
     labels = _finalise(raw, min_cluster_size)
     info["ward_seconds"] = round(time.perf_counter() - t1, 3)
     log.info(
-        "clustered %d x %d embeddings: %s k-means k1=%d in %.1fs, Ward k2=%s%s in %.1fs",
+        "clustered %d x %d embeddings: %s k-means k1=%s in %.1fs, Ward k2=%s%s in %.1fs",
         arr.shape[0], arr.shape[1], metric, k1, t1 - t0, info.get("k2_used"),
         estimate_note(info), info["ward_seconds"],
     )
@@ -615,7 +658,7 @@ def pseudo_labels(
 
 def cluster_embeddings(
     embeddings: np.ndarray,
-    k1: int,
+    k1: int | None,
     k2: int | str | None = None,
     min_cluster_size: int = 0,
     niter: int = 20,

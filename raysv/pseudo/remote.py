@@ -33,7 +33,7 @@ class _Clusterer:
     def cluster(
         self,
         embeddings: np.ndarray,
-        k1: int,
+        k1: int | None,
         k2: int | str | None,
         min_cluster_size: int,
         niter: int,
@@ -58,7 +58,7 @@ class _Clusterer:
 def run_clustering(
     embeddings: str | Path,
     out: str | Path,
-    k1: int,
+    k1: int | None,
     k2: int | str | None = None,
     min_cluster_size: int = 0,
     niter: int = 20,
@@ -114,7 +114,7 @@ def run_clustering(
 
     write_labels(out, utt_index, labels)
     info: dict[str, Any] = {
-        "k1": int(k1),
+        "k1": None if k1 is None else int(k1),
         "k2": k2 if k2 in (None, "auto") else int(k2),
         "min_cluster_size": int(min_cluster_size),
         "niter": int(niter),
@@ -133,7 +133,7 @@ def run_clustering(
     info["seconds"] = round(time.perf_counter() - t0, 3)
     write_json(marker, info)
     log.info(
-        "clustering: %d utterances -> %d clusters (k1=%d, k2=%s%s), %d dropped%s, %.1fs",
+        "clustering: %d utterances -> %d clusters (k1=%s, k2=%s%s), %d dropped%s, %.1fs",
         info["num_utterances"], info["num_clusters"], k1, info.get("k2_used"),
         estimate_note(info), info["dropped"],
         f", NMI {info['nmi']:.3f} ARI {info['ari']:.3f} purity {info['purity']:.3f}" if "nmi" in info else "",

@@ -64,6 +64,11 @@ def test_run_clustering_in_ray_actor(tmp_path: Path, ray_session) -> None:
     best = max(auto["silhouette"], key=lambda point: point[1])
     assert best[0] == auto["k2_estimate"]
 
+    # k1: null — Ward of the utterances themselves, and clusters.json says so
+    direct = run_clustering(emb_dir, tmp_path / "c4", k1=None, k2=30, manifest=tmp_path / "manifest.parquet")
+    assert direct["k1"] is None and direct["kmeans"] == "none" and direct["k2_used"] == 30
+    assert direct["nmi"] >= 0.95
+
 
 def test_run_clustering_errors_leave_no_marker(tmp_path: Path, ray_session) -> None:
     x, _ = speakers_data(n_speakers=3, per_speaker=5, dim=8)
