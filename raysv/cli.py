@@ -401,11 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("cluster", help="pseudo-labels: k-means (faiss) → Ward AHC of the centroids")
+    p = sub.add_parser("cluster", help="pseudo-labels: k-means (faiss) → Ward AHC of the centroids (or of the "
+                       "utterances: --k1 none)")
     p.add_argument("--embeddings", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--k1", type=_k1, required=True,
-                   help="k-means centroids, or none: Ward of the utterances themselves (corpora up to 50,000 utterances)")
+                   help="k-means centroids, or none: Ward of the utterances themselves (corpora up to 50,000 "
+                   "utterances; cluster.k1: null in a config)")
     p.add_argument("--k2", type=_k2, default=None,
                    help="a number, or auto: the Ward cut of best silhouette, a count only where the embeddings "
                    "show one (docs/toy-corpora.md)")

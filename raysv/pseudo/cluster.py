@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ClusterConfig:
-    """``cluster``: k-means into ``k1`` groups, then Ward clustering of the centroids into ``k2``."""
+    """``cluster``: k-means into ``k1`` groups, then Ward clustering of the centroids into ``k2``
+    (``k1: null``: Ward of the utterances themselves)."""
 
     k1: int | None = 50000  # null: no k-means, Ward of the utterances themselves (up to WARD_UTTERANCES_MAX)
     # a number, auto (the Ward cut of best silhouette, 10 groups or more: a count only where the
@@ -437,8 +438,8 @@ def silhouette_curve(
     """Mean silhouette of the utterances for Ward cuts of the centroids' linkage ``z`` into k groups.
 
     k runs geometrically from 2 to the number of centroids, so that the curve falls past a
-    count that is a large share of them, and to :data:`COUNT_UTTERANCES_MIN` utterances per
-    group at most. The silhouette compares each
+    count that is a large share of them, but no further than :data:`COUNT_UTTERANCES_MIN`
+    utterances per group on average. The silhouette compares each
     utterance's mean distance to its own group with that to the nearest other group
     (Rousseeuw 1987), on ``sample`` utterances drawn once for every cut.
     """
@@ -545,10 +546,17 @@ def _finalise(raw: np.ndarray, min_cluster_size: int) -> np.ndarray:
     return mapping[inverse.reshape(-1)]
 
 
-def check_settings(n: int, k1: int | None, k2: int | None, min_cluster_size: int, niter: int,
+def check_settings(n: int, k1: int | None, k2: int | str | None, min_cluster_size: int, niter: int,
                    k2_fallback: int | None = None) -> None:
     """Cheap checks of the clustering settings against ``n`` utterances, before any work."""
+    if k1 is None and k2 is None:
+        raise InputError("k1=None and k2=None: every utterance would be its own class; set k2 (a number or auto)")
     _check_k(k1, n)
+    if k2 == "auto":  # the number is found later; only k2_fallback is checked here
+        k2 = None
+    for name, value in (("k2", k2), ("k2_fallback", k2_fallback)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+            raise ValueError(f"{name} must be an integer or None, got {value!r}")
     if k1 is None:  # Ward of the utterances: the groups to merge are the n utterances
         for name, value in (("k2", k2), ("k2_fallback", k2_fallback)):
             if value is not None and not 1 <= value < n:
@@ -558,8 +566,6 @@ def check_settings(n: int, k1: int | None, k2: int | None, min_cluster_size: int
     if k2_fallback is not None and not 1 <= k2_fallback < k1:
         raise ValueError(f"k2_fallback={k2_fallback} must be between 1 and k1={k1} (excluded)")
     if k2 is not None:
-        if not isinstance(k2, (int, np.integer)) or isinstance(k2, bool):
-            raise ValueError(f"k2 must be an integer or None, got {k2!r}")
         if k2 < 1:
             raise ValueError(f"k2 must be >= 1, got {k2}")
         if k2 >= k1:
@@ -609,9 +615,7 @@ def pseudo_labels(
     0..C-1, largest first, ties by first row.
     """
     arr = _as_matrix(embeddings)
-    if k1 is None and k2 is None:
-        raise InputError("k1=None and k2=None: every utterance would be its own class; set k2 (a number or auto)")
-    check_settings(arr.shape[0], k1, None if k2 == "auto" else k2, min_cluster_size, niter, k2_fallback)
+    check_settings(arr.shape[0], k1, k2, min_cluster_size, niter, k2_fallback)
     t0 = time.perf_counter()
     if k1 is None:
         method = "none"

@@ -87,14 +87,14 @@ def run_clustering(
     if marker.exists():
         marker.unlink()
     utt_index, x = read_embeddings(embeddings)
-    check_settings(len(utt_index), k1, None if k2 == "auto" else k2, min_cluster_size, niter, k2_fallback)
+    check_settings(len(utt_index), k1, k2, min_cluster_size, niter, k2_fallback)
     speakers = manifest_speakers_of(manifest, utt_index) if manifest is not None else None
 
     ensure_ray()
     ray_gpus = cluster_gpus() > 0
     if use_gpu is True and not ray_gpus:
         log.warning("use_gpu=True but the Ray cluster has no GPU; clustering on CPU")
-    on_gpu = ray_gpus and use_gpu is not False
+    on_gpu = ray_gpus and use_gpu is not False and k1 is not None  # Ward runs on the CPU: only k-means uses a GPU
     # The clustering is deterministic: an actor lost mid-way (its node gone) is restarted and the call retried.
     actor = ray.remote(_Clusterer).options(num_cpus=1, num_gpus=1 if on_gpu else 0, max_restarts=2,
                                            max_task_retries=2).remote()

@@ -169,7 +169,7 @@ def test_ward_of_the_utterances_is_purer_than_of_small_kmeans_groups() -> None:
     x = np.repeat(rng.standard_normal((80, 64)), sizes, axis=0) + rng.standard_normal((sizes.sum(), 64)) * 1.5
     direct = normalized_mutual_info_score(y, pseudo_labels(x, k1=None, k2=120, metric="cosine")[0])
     via_kmeans = normalized_mutual_info_score(y, pseudo_labels(x, k1=len(x) // 4, k2=120, metric="cosine")[0])
-    assert direct > via_kmeans + 0.03, (direct, via_kmeans)
+    assert direct > via_kmeans + 0.02, (direct, via_kmeans)
 
 
 def test_k1_none_bad_settings_name_the_problem(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,6 +178,10 @@ def test_k1_none_bad_settings_name_the_problem(monkeypatch: pytest.MonkeyPatch) 
         pseudo_labels(x, k1=None, k2=20)
     with pytest.raises(InputError, match=r"k1=None and k2=None: every utterance would be its own class"):
         pseudo_labels(x, k1=None, k2=None)
+    with pytest.raises(InputError, match=r"k2_fallback=20: with k1=null Ward merges the 20 utterances"):
+        pseudo_labels(x, k1=None, k2="auto", k2_fallback=20)
+    with pytest.raises(ValueError, match=r"k2 must be an integer or None, got 'x'"):
+        pseudo_labels(x, k1=None, k2="x")
     monkeypatch.setattr("raysv.pseudo.cluster.WARD_UTTERANCES_MAX", 10)
     with pytest.raises(InputError, match=r"20 utterances is more than 10; set k1"):
         pseudo_labels(x, k1=None, k2=4)
@@ -265,6 +269,7 @@ def test_k2_auto_estimates_the_number_of_speakers(speakers: int, via_kmeans: boo
     x = np.repeat(centres, sizes, axis=0) + rng.standard_normal((sizes.sum(), 64)) * 0.9
     k1 = min(6 * speakers, len(x) // 3) if via_kmeans else None
     labels, info = pseudo_labels(x, k1=k1, k2="auto", metric="cosine", k2_factor=1.0)
+    assert max(k for k, _ in info["silhouette"]) <= len(x) // 4  # four utterances a group at least
     assert abs(info["k2_estimate"] - speakers) <= 0.3 * speakers, info
     assert info["k2_used"] == info["k2_estimate"] == len(np.unique(labels))
     if speakers == 20 and via_kmeans:  # over-clustering by the factor (the Ray stage test checks it again)
