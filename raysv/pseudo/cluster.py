@@ -9,8 +9,8 @@ distance matrix of a dense linkage (50,000 centroids: ~100 MB instead of ~10 GB)
 ``k1: null`` skips k-means and runs Ward on the utterances themselves, which a corpus
 of up to :data:`WARD_UTTERANCES_MAX` utterances affords. Ward of the centroids weighs
 each centroid as one point whatever its size; on the toy corpora (1,200-1,280 utterances,
-k1 320) Ward of the utterances gave clusters 0.05-0.10 purer at the same share of each
-speaker's utterance pairs kept together (docs/toy-corpora.md).
+k1 320) Ward of the utterances gave clusters 0.03-0.09 purer that keep about as many of each
+speaker's utterance pairs together (docs/toy-corpora.md).
 """
 
 from __future__ import annotations
