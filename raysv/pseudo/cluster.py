@@ -558,21 +558,13 @@ def check_settings(n: int, k1: int | None, k2: int | str | None, min_cluster_siz
         if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
             raise ValueError(f"{name} must be an integer or None, got {value!r}")
     if k1 is None:  # Ward of the utterances: the groups to merge are the n utterances
-        for name, value in (("k2", k2), ("k2_fallback", k2_fallback)):
-            if value is not None and not 1 <= value < n:
-                raise InputError(f"{name}={value}: with k1=null Ward merges the {n} utterances themselves; "
-                                 f"{name} must be between 1 and {n} (excluded)")
-        k1 = n
-    if k2_fallback is not None and not 1 <= k2_fallback < k1:
-        raise ValueError(f"k2_fallback={k2_fallback} must be between 1 and k1={k1} (excluded)")
-    if k2 is not None:
-        if k2 < 1:
-            raise ValueError(f"k2 must be >= 1, got {k2}")
-        if k2 >= k1:
-            raise ValueError(
-                f"k2={k2} must be smaller than k1={k1}: Ward merges the k1 k-means centroids into k2 groups "
-                "(use k2=None to keep the k-means clusters)"
-            )
+        groups, merged = n, f"with k1=null Ward merges the {n} utterances themselves"
+    else:
+        groups, merged = k1, f"Ward merges the k1={k1} k-means centroids"
+    for name, value in (("k2", k2), ("k2_fallback", k2_fallback)):
+        if value is not None and not 1 <= value < groups:
+            raise InputError(f"{name}={value}: {merged}; {name} must be between 1 and {groups} (excluded)"
+                             + (" or None to keep the k-means clusters" if name == "k2" and k1 is not None else ""))
     if min_cluster_size < 0:
         raise ValueError(f"min_cluster_size must be >= 0, got {min_cluster_size}")
     if niter < 1:

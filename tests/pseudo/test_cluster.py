@@ -198,8 +198,10 @@ def test_bad_inputs_name_the_problem() -> None:
     x, _ = speakers_data(n_speakers=4, per_speaker=5, dim=8)
     with pytest.raises(ValueError, match=r"k1=21 is larger than the number of utterances \(20\)"):
         cluster_embeddings(x, k1=21)
-    with pytest.raises(ValueError, match=r"k2=10 must be smaller than k1=10"):
+    with pytest.raises(ValueError, match=r"k2=10: Ward merges the k1=10 k-means centroids; k2 must be between 1 and 10 \(excluded\) or None"):
         cluster_embeddings(x, k1=10, k2=10)
+    with pytest.raises(InputError, match=r"k2=0: Ward merges the k1=10 k-means centroids; k2 must be between 1 and 10"):
+        cluster_embeddings(x, k1=10, k2=0)
     with pytest.raises(ValueError, match=r"k1 must be >= 1"):
         cluster_embeddings(x, k1=0)
     with pytest.raises(ValueError, match=r"2-D"):
@@ -329,7 +331,7 @@ def test_k2_auto_without_a_count_falls_back_or_stops() -> None:
     assert len(info["silhouette"]) > 10
     with pytest.raises(InputError, match="k2=auto.*no count of speakers.*k2_fallback"):
         pseudo_labels(x, k1=100, k2="auto", metric="cosine")
-    with pytest.raises(ValueError, match="k2_fallback=100 must be between 1 and k1=100"):
+    with pytest.raises(ValueError, match=r"k2_fallback=100: Ward merges the k1=100 k-means centroids; k2_fallback must be between 1 and 100"):
         pseudo_labels(x, k1=100, k2="auto", k2_fallback=100, metric="cosine")
 
 
