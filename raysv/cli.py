@@ -148,6 +148,7 @@ def cmd_extract(args) -> None:
 
 
 def cmd_cluster(args) -> None:
+    from raysv.pseudo.lda import LdaConfig
     from raysv.pseudo.remote import run_clustering
 
     manifest = args.manifest
@@ -166,6 +167,7 @@ def cmd_cluster(args) -> None:
         k2_factor=args.k2_factor,
         k2_fallback=args.k2_fallback,
         previous=args.previous,
+        lda=LdaConfig(iterations=args.lda_iterations, dim=args.lda_dim),
     )
     print(json.dumps(diag, indent=2, default=float))
 
@@ -414,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k2-factor", type=float, default=1.0, help="with --k2 auto: groups per estimated speaker")
     p.add_argument("--k2-fallback", type=int, default=None,
                    help="with --k2 auto: the groups where the silhouette shows no count (default: stop with an error)")
+    p.add_argument("--lda-iterations", type=int, default=0,
+                   help="passes of LDA on the labels and clustering again in its space (cluster.lda.iterations)")
+    p.add_argument("--lda-dim", type=int, default=64, help="LDA directions kept, at most (cluster.lda.dim)")
     p.add_argument("--min-cluster-size", type=int, default=0)
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean",

@@ -33,3 +33,6 @@ def test_cluster_k1_takes_a_number_or_none(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         build_parser().parse_args([*base, "many"])
     assert done.value.code == 2 and "--k1: expected a number or none, got 'many'" in capsys.readouterr().err
+    args = build_parser().parse_args([*base, "none", "--lda-iterations", "3", "--lda-dim", "32"])
+    assert (args.lda_iterations, args.lda_dim) == (3, 32)
+    assert build_parser().parse_args([*base, "none"]).lda_iterations == 0  # off unless asked for

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from raysv.config import ConfigError, check_choice, check_positive
 from raysv.errors import InputError
+from raysv.pseudo.lda import LdaConfig, refine_labels
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ class ClusterConfig:
     metric: str = "euclidean"  # euclidean: k-means of the raw embeddings (the reference) | cosine: spherical
     kmeans: str = "auto"  # flat | two_level (faiss's hierarchical k-means) | auto: two_level for large problems
     keep: float = 1.0  # fraction of utterances labelled: those closest to their group against the next (-1: the rest)
+    lda: LdaConfig = field(default_factory=LdaConfig)  # passes of LDA on the labels and clustering again there
 
     def validate(self, prefix: str = "cluster") -> None:
+        self.lda.validate(f"{prefix}.lda")
         if not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"{prefix}.keep: a fraction in (0, 1], got {self.keep!r}")
         check_choice(f"{prefix}.metric", self.metric, METRICS)
@@ -580,6 +583,31 @@ def estimate_note(info: dict[str, Any]) -> str:
     return f", {info['k2_estimate']} speakers estimated × {info['k2_factor']:g}"
 
 
+def _first_level(
+    arr: np.ndarray, k1: int | None, niter: int, seed: int, use_gpu: bool | None, metric: str, method: str
+) -> tuple[str, np.ndarray, np.ndarray, int]:
+    """The points Ward merges: k-means centroids (empty ones dropped), or the rows themselves for ``k1=None``.
+
+    Returns the k-means method used ("none" without k-means), the points, each row's point and how many
+    centroids came out empty.
+    """
+    if k1 is None:
+        rows = _normalised_rows(arr) if metric == "cosine" else _finite_rows(arr)
+        return "none", rows, np.arange(len(arr), dtype=np.int64), 0
+    method = kmeans_method(arr.shape[0], k1, method)
+    centroids, assignment = kmeans(arr, k1, niter=niter, seed=seed, use_gpu=use_gpu, metric=metric, method=method)
+    centroids, assignment, empty = drop_empty(centroids, assignment)
+    return method, centroids, assignment, empty
+
+
+def _cut(points: np.ndarray, assignment: np.ndarray, k2: int, k1: int | None) -> np.ndarray:
+    """Each row's group of the Ward cut of ``points`` into ``k2``."""
+    if k2 >= len(points):
+        raise ValueError(f"k2={k2}: only {len(points)} of the k1={k1} k-means clusters hold utterances; "
+                         "lower k2 or raise k1")
+    return cut_linkage(ward_linkage(points), k2)[assignment]
+
+
 def pseudo_labels(
     embeddings: np.ndarray,
     k1: int | None,
@@ -593,6 +621,7 @@ def pseudo_labels(
     method: str = "flat",
     keep: float = 1.0,
     k2_fallback: int | None = None,
+    lda: LdaConfig | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Pseudo-labels (N,) int32 for the rows of ``embeddings``, and how they were made.
 
@@ -602,47 +631,49 @@ def pseudo_labels(
     groups is the Ward cut of best silhouette (:func:`estimate_clusters`) times ``k2_factor``
     (over-clustering), or ``k2_fallback`` where the silhouette shows no count. ``keep`` < 1
     labels only that fraction of the utterances, those whose group is clearest
-    (:func:`confident_rows`); the others become -1.
+    (:func:`confident_rows`); the others become -1. ``lda`` with iterations: that many passes
+    of LDA on the labels and the same clustering, with the same number of groups, in its space
+    (:mod:`raysv.pseudo.lda`).
     Clusters with fewer than ``min_cluster_size`` utterances become -1; the rest are numbered
     0..C-1, largest first, ties by first row.
     """
     arr = _as_matrix(embeddings)
     check_settings(arr.shape[0], k1, k2, min_cluster_size, niter, k2_fallback)
     t0 = time.perf_counter()
-    if k1 is None:
-        method = "none"
-        centroids = _normalised_rows(arr) if metric == "cosine" else _finite_rows(arr)
-        assignment = np.arange(len(arr), dtype=np.int64)
-    else:
-        method = kmeans_method(arr.shape[0], k1, method)
-        centroids, assignment = kmeans(arr, k1, niter=niter, seed=seed, use_gpu=use_gpu, metric=metric, method=method)
+    method, centroids, assignment, empty = _first_level(arr, k1, niter, seed, use_gpu, metric, method)
     t1 = time.perf_counter()
     info: dict[str, Any] = {"kmeans": method, "kmeans_seconds": round(t1 - t0, 3)}
-    centroids, assignment, empty = drop_empty(centroids, assignment)
     if empty:
         info["empty_centroids"] = empty
-        if k2 is not None and k2 != "auto" and k2 >= len(centroids):
-            raise ValueError(f"k2={k2}: only {len(centroids)} of the k1={k1} k-means clusters hold utterances; "
-                             "lower k2 or raise k1")
     if k2 is None:
         raw = assignment
+    elif k2 != "auto":
+        info["k2_used"] = int(k2)
+        raw = _cut(centroids, assignment, int(k2), k1)
     else:
         z = ward_linkage(centroids)
-        if k2 == "auto":
-            curve = silhouette_curve(arr, z, assignment, metric, seed)
-            estimate = estimate_clusters(curve)
-            if estimate is None and k2_fallback is None:
-                raise InputError(
-                    f"k2=auto: the silhouette of the Ward cuts into {SPEAKERS_MIN}..{curve[-1][0] if curve else 2} groups "
-                    f"({len(centroids)} {'utterances' if k1 is None else 'centroids'}) has no peak that stands out: these embeddings show no count of "
-                    "speakers; set k2 to a number or give k2_fallback (cluster.k2_fallback, raysv cluster --k2-fallback)")
-            k2 = k2_fallback if estimate is None else int(min(max(round(k2_factor * estimate), 2), len(centroids) - 1))
-            info.update({"k2_estimate": estimate, "k2_factor": float(k2_factor),
-                         "silhouette": [[k, round(v, 4)] for k, v in curve]})
+        curve = silhouette_curve(arr, z, assignment, metric, seed)
+        estimate = estimate_clusters(curve)
+        if estimate is None and k2_fallback is None:
+            raise InputError(
+                f"k2=auto: the silhouette of the Ward cuts into {SPEAKERS_MIN}..{curve[-1][0] if curve else 2} groups "
+                f"({len(centroids)} {'utterances' if k1 is None else 'centroids'}) has no peak that stands out: these embeddings show no count of "
+                "speakers; set k2 to a number or give k2_fallback (cluster.k2_fallback, raysv cluster --k2-fallback)")
+        k2 = k2_fallback if estimate is None else int(min(max(round(k2_factor * estimate), 2), len(centroids) - 1))
+        info.update({"k2_estimate": estimate, "k2_factor": float(k2_factor),
+                     "silhouette": [[k, round(v, 4)] for k, v in curve]})
         info["k2_used"] = int(k2)
         raw = cut_linkage(z, int(k2))[assignment]
+    space = arr
+    if lda is not None and lda.iterations:
+        def regroup(rows: np.ndarray) -> np.ndarray:
+            _, again, assigned, _ = _first_level(rows, k1, niter, seed, use_gpu, metric, method)
+            return assigned if k2 is None else _cut(again, assigned, int(k2), k1)
+
+        raw, space, made = refine_labels(arr, raw, lda, regroup)
+        info.update(made)
     if keep < 1.0:
-        raw = np.where(confident_rows(arr, raw, keep, metric), raw, -1)
+        raw = np.where(confident_rows(space, raw, keep, metric), raw, -1)
     labels = _finalise(raw, min_cluster_size)
     info["ward_seconds"] = round(time.perf_counter() - t1, 3)
     log.info(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from raysv.artifacts.jsonio import write_json
 from raysv.artifacts.labels import read_labels, write_labels
 from raysv.errors import InputError
 from raysv.pseudo.cluster import check_settings, estimate_note, import_faiss, pseudo_labels
+from raysv.pseudo.lda import LdaConfig
 from raysv.pseudo.diagnostics import cluster_diagnostics, label_agreement, manifest_speakers_of
 from raysv.runtime import cluster_gpus, ensure_ray
 
@@ -44,6 +46,7 @@ class _Clusterer:
         method: str,
         keep: float,
         k2_fallback: int | None,
+        lda: LdaConfig | None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         faiss = import_faiss()
 
@@ -52,7 +55,7 @@ class _Clusterer:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         faiss.omp_set_num_threads(max(1, cores))
         return pseudo_labels(embeddings, k1, k2, min_cluster_size, niter, seed, use_gpu, metric, k2_factor, method, keep,
-                             k2_fallback)
+                             k2_fallback, lda)
 
 
 def run_clustering(
@@ -71,11 +74,13 @@ def run_clustering(
     keep: float = 1.0,
     previous: str | Path | None = None,
     k2_fallback: int | None = None,
+    lda: LdaConfig | None = None,
 ) -> dict[str, Any]:
     """The clustering stage: embeddings -> ``out/labels.parquet`` + ``out/clusters.json`` (written last, the marker).
 
     The clustering itself runs in a Ray actor (a GPU one when the cluster has
-    GPUs and ``use_gpu`` is not False). With ``previous`` (a labels file) the agreement of the
+    GPUs and ``use_gpu`` is not False); ``lda``: passes of LDA and clustering again
+    (:mod:`raysv.pseudo.lda`). With ``previous`` (a labels file) the agreement of the
     new labels with those goes beside the speaker figures (:func:`label_agreement`).
     Returns the contents of ``clusters.json``.
     """
@@ -102,7 +107,7 @@ def run_clustering(
         labels, made = ray.get(
             actor.cluster.remote(
                 ray.put(x), k1, k2, min_cluster_size, niter, seed, use_gpu if on_gpu else False, metric, k2_factor,
-                method, keep, k2_fallback,
+                method, keep, k2_fallback, lda,
             )
         )
     except ray.exceptions.RayTaskError as err:
@@ -121,6 +126,7 @@ def run_clustering(
         "seed": int(seed),
         "metric": metric,
         "keep": float(keep),
+        "lda": asdict(lda) if lda is not None and lda.iterations else None,
         "dim": int(x.shape[1]),
         "gpu": bool(on_gpu),
         "embeddings": str(embeddings),

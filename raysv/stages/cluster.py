@@ -37,6 +37,7 @@ def cluster(cfg: Config, embeddings: str | Path, out: str | Path, previous: str 
         keep=c.keep,
         previous=previous,
         k2_fallback=c.k2_fallback,
+        lda=c.lda,
     )
 
 

@@ -15,6 +15,7 @@ from test_cluster import speakers_data  # tests/pseudo/test_cluster.py
 from raysv.artifacts.embeddings import write_embeddings
 from raysv.artifacts.labels import read_labels, write_labels
 from raysv.errors import InputError
+from raysv.pseudo.lda import LdaConfig
 from raysv.pseudo.remote import run_clustering
 
 
@@ -67,7 +68,14 @@ def test_run_clustering_in_ray_actor(tmp_path: Path, ray_session) -> None:
     # k1: null — Ward of the utterances themselves, and clusters.json says so
     direct = run_clustering(emb_dir, tmp_path / "c4", k1=None, k2=30, manifest=tmp_path / "manifest.parquet")
     assert direct["k1"] is None and direct["kmeans"] == "none" and direct["k2_used"] == 30
-    assert direct["nmi"] >= 0.95
+    assert direct["nmi"] >= 0.95 and direct["lda"] is None
+
+    # passes of LDA: their settings and how the labels settled go into clusters.json
+    refined = run_clustering(emb_dir, tmp_path / "c5", k1=None, k2=30, manifest=tmp_path / "manifest.parquet",
+                             lda=LdaConfig(iterations=2, dim=16))
+    saved = json.loads((tmp_path / "c5" / "clusters.json").read_text())
+    assert saved == refined and saved["lda"] == {"iterations": 2, "dim": 16, "shrinkage": 0.1}
+    assert saved["lda_dim"] == 16 and len(saved["lda_previous_nmi"]) == 2 and saved["nmi"] >= 0.95
 
 
 def test_run_clustering_errors_leave_no_marker(tmp_path: Path, ray_session) -> None:
