@@ -317,6 +317,19 @@ def _k1(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
 
 
+def _at_least(low: int):
+    """An argparse type: a whole number of at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysv",
@@ -416,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k2-factor", type=float, default=1.0, help="with --k2 auto: groups per estimated speaker")
     p.add_argument("--k2-fallback", type=int, default=None,
                    help="with --k2 auto: the groups where the silhouette shows no count (default: stop with an error)")
-    p.add_argument("--lda-iterations", type=int, default=0,
+    p.add_argument("--lda-iterations", type=_at_least(0), default=0,
                    help="passes of LDA on the labels and clustering again in its space (cluster.lda.iterations)")
-    p.add_argument("--lda-dim", type=int, default=64, help="LDA directions kept, at most (cluster.lda.dim)")
+    p.add_argument("--lda-dim", type=_at_least(1), default=64, help="LDA directions kept, at most (cluster.lda.dim)")
     p.add_argument("--min-cluster-size", type=int, default=0)
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean",

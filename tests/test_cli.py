@@ -36,3 +36,6 @@ def test_cluster_k1_takes_a_number_or_none(capsys) -> None:
     args = build_parser().parse_args([*base, "none", "--lda-iterations", "3", "--lda-dim", "32"])
     assert (args.lda_iterations, args.lda_dim) == (3, 32)
     assert build_parser().parse_args([*base, "none"]).lda_iterations == 0  # off unless asked for
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([*base, "none", "--lda-iterations", "-1"])
+    assert done.value.code == 2 and "--lda-iterations: expected a whole number >= 0, got '-1'" in capsys.readouterr().err

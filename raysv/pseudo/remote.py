@@ -93,6 +93,8 @@ def run_clustering(
         marker.unlink()
     utt_index, x = read_embeddings(embeddings)
     check_settings(len(utt_index), k1, k2, min_cluster_size, niter, k2_fallback)
+    if lda is not None:
+        lda.validate()
     speakers = manifest_speakers_of(manifest, utt_index) if manifest is not None else None
 
     ensure_ray()

@@ -90,6 +90,8 @@ def test_run_clustering_errors_leave_no_marker(tmp_path: Path, ray_session) -> N
         run_clustering(tmp_path / "e.parquet", out, k1=16)
     with pytest.raises(InputError, match="k1=None and k2=None"):  # before any Ray work
         run_clustering(tmp_path / "e.parquet", out, k1=None)
+    with pytest.raises(ValueError, match=r"cluster\.lda\.iterations: a whole number >= 0"):
+        run_clustering(tmp_path / "e.parquet", out, k1=3, lda=LdaConfig(iterations=-1))
     noise = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
     write_embeddings(tmp_path / "noise.parquet", np.arange(300), noise)
     with pytest.raises(InputError, match="no count of speakers") as err:  # the cause alone: one line in the CLI
