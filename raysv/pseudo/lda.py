@@ -61,6 +61,8 @@ def refine_labels(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``cfg.iterations`` passes of: LDA of ``x`` on the labels, ``regroup`` of the projected rows into new labels.
 
+    Every row is labelled here: ``keep`` and ``min_cluster_size`` drop rows only after the passes.
+
     Returns the last labels, the space they were made in, and for ``clusters.json`` the LDA's size
     and, pass by pass, the NMI of the new labels against the ones before (near 1: settled).
     """
@@ -71,8 +73,7 @@ def refine_labels(
     for _ in range(cfg.iterations):
         space = lda_space(x, labels, cfg.dim, cfg.shrinkage)
         new = regroup(space)
-        kept = (labels >= 0) & (new >= 0)
-        agreement.append(round(float(normalized_mutual_info_score(labels[kept], new[kept])), 4))
+        agreement.append(round(float(normalized_mutual_info_score(labels, new)), 4))
         labels = new
     return labels, space, {"lda_iterations": int(cfg.iterations), "lda_dim": int(space.shape[1]),
                            "lda_previous_nmi": agreement}
