@@ -6,7 +6,7 @@ per wall-clock second) and the ONNX/PyTorch ratio; the last line is that ratio a
 files per call for the first model. It also times identification of one file against
 100,000 enrolled speakers.
 
-    python benchmarks/bench_inference.py --model runs/demo/round_3/lmft/model --audio runs/demo-data/test/wav
+    python benchmarks/bench_inference.py --model runs/demo/round_4/lmft/model --audio runs/demo-data/test/wav
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     from raysv.speakers import SpeakerDB
 
     torch.set_num_threads(args.threads)
-    models = args.model or ["runs/demo/round_3/lmft/model"]
+    models = args.model or ["runs/demo/round_4/lmft/model"]
     files = _files(Path(args.audio), args.files)
     first_ratio = None
     with tempfile.TemporaryDirectory() as tmp:

@@ -91,18 +91,18 @@ def test_setting_added_after_a_stage_ran_is_no_change_at_its_default(tmp_path):
     assert completed_stage_changes(cfg, cfg) == [] and completed_stage_changes(cfg, halved) == ["round_0/cluster"]
 
 
-def test_demo_counts_in_rounds_two_and_three_and_ungates_the_last():
+def test_demo_counts_after_round_one_and_gates_round_one_only():
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    assert cfg.rounds.count == 3
+    assert cfg.rounds.count == 4
     assert round_config(cfg, 1).cluster.k2 == 120
-    for r in (2, 3):
+    for r in (2, 3, 4):
         cluster = round_config(cfg, r).cluster
         assert (cluster.k2, cluster.k2_factor, cluster.k2_fallback) == ("auto", 1.0, 120), r
     gated = [(round_config(cfg, r).finetune.loss_gate.enabled, round_config(cfg, r).finetune.label_correction.enabled)
-             for r in (1, 2, 3)]
-    assert gated == [(True, True), (True, True), (False, False)]
+             for r in (1, 2, 3, 4)]
+    assert gated == [(True, True), (False, False), (False, False), (False, False)]
     stages = {stage.id: stage for stage in plan(cfg)}
-    lmft = stage_settings(cfg, stages["round_3/lmft"]).finetune  # the large margin takes round 3's settings
+    lmft = stage_settings(cfg, stages["round_4/lmft"]).finetune  # the large margin takes round 4's settings
     assert not lmft.loss_gate.enabled and not lmft.label_correction.enabled
     tube = load_config(ROOT / "configs" / "demo.yaml", [], [str(ROOT / "configs" / "demo_tube.yaml")])
-    assert tube.rounds.count == 3 and "tube-data" in tube.data.shards
+    assert tube.rounds.count == 4 and "tube-data" in tube.data.shards
