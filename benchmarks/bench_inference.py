@@ -6,12 +6,13 @@ per wall-clock second) and the ONNX/PyTorch ratio; the last line is that ratio a
 files per call for the first model. It also times identification of one file against
 100,000 enrolled speakers.
 
-    python benchmarks/bench_inference.py --model runs/demo/round_4/lmft/model --audio runs/demo-data/test/wav
+    python benchmarks/bench_inference.py --run runs/demo --audio runs/demo-data/test/wav
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -29,6 +30,16 @@ def _files(audio: Path, count: int) -> list[Path]:
     return files
 
 
+def _last_model(run: Path) -> str:
+    """The model of the run's last self-supervised stage in its results.json (it follows rounds.count)."""
+    results = run / "results.json"
+    if not results.exists():
+        raise SystemExit(f"{results} not found: run the pipeline first, or name a model with --model")
+    stages = [s["name"] for s in json.loads(results.read_text())["stages"] if not s["name"].startswith("reference/")]
+    stage = stages[-1]
+    return str(run / stage / "model")
+
+
 def _rtf(model, files: list[Path], per_call: int, repeats: int) -> float:
     import soundfile as sf
 
@@ -44,6 +55,8 @@ def _rtf(model, files: list[Path], per_call: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="model folder (repeatable)")
+    parser.add_argument("--run", default="runs/demo",
+                        help="without --model: this run's last self-supervised stage (from its results.json)")
     parser.add_argument("--audio", default="runs/demo-data/test/wav")
     parser.add_argument("--files", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -57,7 +70,7 @@ def main() -> None:
     from raysv.speakers import SpeakerDB
 
     torch.set_num_threads(args.threads)
-    models = args.model or ["runs/demo/round_4/lmft/model"]
+    models = args.model or [_last_model(Path(args.run))]
     files = _files(Path(args.audio), args.files)
     first_ratio = None
     with tempfile.TemporaryDirectory() as tmp:
