@@ -54,6 +54,8 @@ def test_cross_key_checks():
         load_config(None, ["ray.use_gpu=maybe"])
     with pytest.raises(ConfigError, match=r"dino\.diversity\.covariance: must be >= 0, got -0\.1"):
         load_config(None, ["dino.diversity.covariance=-0.1"])
+    with pytest.raises(ConfigError, match=r"lmft\.start_weight: must be in \[0, 1\), got 1\.0"):
+        load_config(None, ["lmft.start_weight=1.0"])
 
 
 def test_round_overrides():
@@ -104,5 +106,6 @@ def test_demo_counts_after_round_one_and_gates_round_one_only():
     stages = {stage.id: stage for stage in plan(cfg)}
     lmft = stage_settings(cfg, stages["round_4/lmft"]).finetune  # the large margin takes round 4's settings
     assert not lmft.loss_gate.enabled and not lmft.label_correction.enabled
+    assert cfg.lmft.start_weight == 0.5 and Config().lmft.start_weight == 0.0  # the reference keeps the end
     tube = load_config(ROOT / "configs" / "demo.yaml", [], [str(ROOT / "configs" / "demo_tube.yaml")])
     assert tube.rounds.count == 4 and "tube-data" in tube.data.shards

@@ -43,7 +43,9 @@ def one_round(toy, tmp_path_factory):
 
 
 def test_full_run_writes_every_stage(one_round):
-    from raysv.artifacts.checkpoint import load_training_state
+    import torch
+
+    from raysv.artifacts.checkpoint import load_training_state, load_weights
 
     cfg, results = one_round
     state = json.loads((cfg.run_dir / "state.json").read_text())
@@ -68,6 +70,14 @@ def test_full_run_writes_every_stage(one_round):
     assert "change" not in rows["round_0/dino"] and "change" not in rows["reference/finetune"]
     true = pq.read_table(cfg.run_dir / "reference/finetune/true_labels/labels.parquet")
     assert len(set(true.column("label").to_pylist())) == 6  # the toy corpus's 6 training speakers
+    # The large margin keeps the mean of its start (the stage it continues) and its end (lmft.start_weight).
+    for lmft, start in (("round_1/lmft", "round_1/finetune"), ("reference/lmft", "reference/finetune")):
+        model = cfg.run_dir / lmft / "model"
+        assert json.loads((model / "model.json").read_text())["start_weight"] == cfg.lmft.start_weight == 0.5
+        trained = load_training_state(model)["method"]["model"]
+        kept, first = load_weights(model), load_weights(cfg.run_dir / start / "model")
+        for name in ("tdnn.conv_in.weight", "tdnn.norm_in.running_mean"):
+            assert torch.allclose(kept[name], 0.5 * (trained[f"encoder.{name}"] + first[name]), atol=1e-6), name
     reference_history = load_training_state(cfg.run_dir / "reference/finetune/model")["history"]
     assert all(h["dropped"] == 0 and h["corrected"] == 0 for h in reference_history)
     assert len(reference_history) == cfg.finetune.epochs

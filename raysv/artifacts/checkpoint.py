@@ -54,6 +54,23 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(weights, map_location="cpu", weights_only=True)
 
 
+def blend_with_start(folder: str | Path, start: str | Path, start_weight: float) -> None:
+    """Rewrite ``folder``'s weights as ``(1 - start_weight)·own + start_weight·start's`` (weight-space
+    ensembling of a fine-tune's start and end, WiSE-FT), and say so in its ``model.json``.
+
+    Both must be the same encoder. Integer buffers (BatchNorm's step count) keep ``folder``'s values.
+    """
+    if not 0.0 <= start_weight < 1.0:
+        raise ValueError(f"start_weight must be in [0, 1), got {start_weight}")
+    own, first = load_weights(folder), load_weights(start)
+    if own.keys() != first.keys() or any(own[k].shape != first[k].shape for k in own):
+        raise ValueError(f"{folder} and {start} hold different encoders: their weights cannot be blended")
+    blended = {k: torch.lerp(v, first[k].to(v.dtype), start_weight) if v.is_floating_point() else v
+               for k, v in own.items()}
+    torch.save(blended, Path(folder) / MODEL_FILE)
+    write_model_json(folder, {**read_model_json(folder), "start_weight": float(start_weight)})
+
+
 def save_training_state(folder: str | Path, state: dict[str, Any]) -> None:
     torch.save(state, Path(folder) / TRAINING_FILE)
 

@@ -120,11 +120,15 @@ class LmftConfig:
     lr_scale: float = 1.0  # the reference keeps the rounds' rates
     batch_size: int | None = 100  # global; null: the rounds' batch size
     label_correction: bool = False  # the reference's correction starts after the stage has ended
+    # The model kept is (1 - w)·end + w·start, the stage's start its round's model (WiSE-FT); 0: the end.
+    start_weight: float = 0.0
 
     def finetune_section(self, f: FinetuneConfig) -> FinetuneConfig:
         """The fine-tune settings of the large-margin stage: ``f`` with this section's changes, no warm-ups."""
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"lmft.batch_size: must be positive, got {self.batch_size}")
+        if not 0.0 <= self.start_weight < 1.0:
+            raise ConfigError(f"lmft.start_weight: must be in [0, 1), got {self.start_weight}")
         return dataclasses.replace(
             f,
             epochs=self.epochs,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from raysv.artifacts.checkpoint import load_training_state
+from raysv.artifacts.checkpoint import blend_with_start, load_training_state
 from raysv.artifacts.labels import read_labels, speaker_labels, write_labels
 from raysv.artifacts.shards import check_shards, read_manifest
 from raysv.config import to_dict
@@ -45,12 +45,15 @@ def finetune(
     """The round model fine-tuned with AAM-softmax on ``labels`` (the ``lmft`` settings with ``large_margin``).
 
     The labels it ends with (after label correction) are written beside the model
-    as ``labels.parquet``.
+    as ``labels.parquet``. With ``large_margin`` and ``lmft.start_weight``, the model kept
+    blends the stage's end with ``init`` (:func:`blend_with_start`).
     """
     check_augment(cfg.data.augment)
     check_shards(cfg.data.shards)
     ensure_ray(cfg.ray)
     m = cfg.finetune.model
+    if large_margin and cfg.lmft.start_weight > 0 and init is None:
+        raise ValueError("lmft.start_weight blends the model kept with the one the stage starts from: give that (--init)")
     if init is None and m.kind == "ecapa" and m.ecapa_init == "dino":
         raise ValueError("finetune.model.ecapa_init is 'dino': give the DINO checkpoint as the init model")
     section = cfg.lmft.finetune_section(cfg.finetune) if large_margin else cfg.finetune
@@ -75,6 +78,10 @@ def finetune(
                    **{k: args[k] for k in ("labels", "init", "init_classifier", "pretrained", "anchor")}}
     out = fit("supervised", section, dataset, out, settings, method_args=args, mlflow=mlflow,
               fingerprint=fingerprint, fingerprint_default=_config_fingerprint(Config(), large_margin), **kw)
+    if large_margin and cfg.lmft.start_weight > 0:
+        blend_with_start(out, init, cfg.lmft.start_weight)
+        log.info("large margin: the model kept is %.2f x its end + %.2f x %s", 1 - cfg.lmft.start_weight,
+                 cfg.lmft.start_weight, init)
     final = load_training_state(out)["method"]["labels"].numpy()
     kept = final >= 0
     write_labels(out, np.nonzero(kept)[0], final[kept].astype(np.int32))
