@@ -12,7 +12,6 @@ files per call for the first model. It also times identification of one file aga
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -32,12 +31,15 @@ def _files(audio: Path, count: int) -> list[Path]:
 
 def _last_model(run: Path) -> str:
     """The model of the run's last self-supervised stage in its results.json (it follows rounds.count)."""
-    results = run / "results.json"
-    if not results.exists():
-        raise SystemExit(f"{results} not found: run the pipeline first, or name a model with --model")
-    stages = [s["name"] for s in json.loads(results.read_text())["stages"] if not s["name"].startswith("reference/")]
-    stage = stages[-1]
-    return str(run / stage / "model")
+    from raysv.artifacts.layout import RunLayout
+    from raysv.errors import InputError
+    from raysv.evaluation.seeds import read_results, self_supervised
+
+    try:
+        stages = [s["name"] for s in read_results(RunLayout(run).results)["stages"] if self_supervised(s["name"])]
+    except InputError as err:
+        raise SystemExit(f"{err}; or name a model with --model") from None
+    return str(run / stages[-1] / "model")
 
 
 def _rtf(model, files: list[Path], per_call: int, repeats: int) -> float:
