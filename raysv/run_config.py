@@ -120,7 +120,7 @@ def validate(cfg: Config) -> None:
     cfg.finetune.validate("finetune")
     cfg.simclr.validate("simclr")
     cfg.eval.validate("eval")
-    cfg.lmft.finetune_section(cfg.finetune)  # lmft's own checks
+    cfg.lmft.validate("lmft")
     if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch < 1:
         raise ConfigError(f"train.max_steps_per_epoch: must be positive, got {cfg.train.max_steps_per_epoch}")
     if cfg.reference.epochs is not None and cfg.reference.epochs < 1:

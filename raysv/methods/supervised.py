@@ -123,12 +123,15 @@ class LmftConfig:
     # The model kept is (1 - w)·end + w·start, the stage's start its round's model (WiSE-FT); 0: the end.
     start_weight: float = 0.0
 
+    def validate(self, prefix: str = "lmft") -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"{prefix}.batch_size: must be positive, got {self.batch_size}")
+        if not 0.0 <= self.start_weight < 1.0:
+            raise ConfigError(f"{prefix}.start_weight: must be in [0, 1), got {self.start_weight}")
+
     def finetune_section(self, f: FinetuneConfig) -> FinetuneConfig:
         """The fine-tune settings of the large-margin stage: ``f`` with this section's changes, no warm-ups."""
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"lmft.batch_size: must be positive, got {self.batch_size}")
-        if not 0.0 <= self.start_weight < 1.0:
-            raise ConfigError(f"lmft.start_weight: must be in [0, 1), got {self.start_weight}")
+        self.validate()
         return dataclasses.replace(
             f,
             epochs=self.epochs,
